@@ -1,0 +1,8 @@
+"""sam_jax: sharpness-aware minimization for JAX/Flax.
+
+The SAM family as Optax gradient transformations (``sam_jax.sam`` and friends),
+curvature tools (``sam_jax.curvature``), loss landscapes (``sam_jax.landscape``),
+Flax models, datasets and a training engine (``sam_jax.train``).
+"""
+
+__version__ = "0.1.0"
