@@ -6,3 +6,15 @@ Flax models, datasets and a training engine (``sam_jax.train``).
 """
 
 __version__ = "0.1.0"
+
+from sam_jax.optim import (  # noqa: E402  (after __version__ so submodules can read it)
+    asam,
+    egr,
+    eigen_sam,
+    gradient_evals_per_step,
+    make_perturbation,
+    perturbation_stats,
+    reverse_sam,
+    sam,
+    usam,
+)

@@ -1,0 +1,203 @@
+"""Cost of one jitted training step of the SAM family, side by side.
+
+Run:  python -m benchmarks.step_cost            (about 2-4 minutes on 2 CPU cores)
+      python -m benchmarks.step_cost --quick    (fewer repeats, for a smoke check)
+
+For an MLP and a small CNN it times a full jitted step (gradient, transform, base
+SGD with momentum, apply) of SGD, SAM, USAM, ASAM, Eigen-SAM (released defaults:
+rho 0.05, alpha 0.2, refresh every 100 steps, 5 power iterations; reported per step
+averaged over the refresh cycle, and its two kinds of step separately) and
+``optax.contrib.sam`` (opaque mode, normalized SGD ascent, sync_period 2). Timing
+starts after compilation; the repeats of all methods are interleaved so that they
+see the same machine load, and the median is reported. Memory is the compiled
+step's ``memory_analysis()``: temp + argument + output bytes.
+
+Targets (issue 2): SAM <= 2.05x SGD, ours <= 1.0x optax.contrib.sam,
+Eigen-SAM <= 1.15x SAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sam_jax
+
+EIGEN_REFRESH_EVERY = 100  # released default p
+
+
+class BenchMLP(nn.Module):
+    width: int = 512
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for _ in range(2):
+            x = nn.relu(nn.Dense(self.width)(x))
+        return nn.Dense(10)(x)
+
+
+class BenchCNN(nn.Module):
+    channels: int = 32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.channels, (3, 3))(x))
+        x = nn.relu(nn.Conv(2 * self.channels, (3, 3), strides=(2, 2))(x))
+        x = nn.relu(nn.Conv(2 * self.channels, (3, 3), strides=(2, 2))(x))
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(10)(x)
+
+
+def problems():
+    """(name, model, input shape) of the benchmarked models."""
+    return [
+        ("MLP 784-512-512-10, batch 128", BenchMLP(), (128, 784)),
+        ("CNN 3 conv (32-64-64), 32x32x3, batch 64", BenchCNN(), (64, 32, 32, 3)),
+    ]
+
+
+def transforms() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    base = lambda: optax.sgd(0.05, momentum=0.9)  # noqa: E731
+    return {
+        "SGD": lambda: optax.chain(sam_jax.make_perturbation("sgd"), base()),
+        "SAM": lambda: optax.chain(sam_jax.sam(0.05), base()),
+        "USAM": lambda: optax.chain(sam_jax.usam(0.05), base()),
+        "ASAM": lambda: optax.chain(sam_jax.asam(0.5, 0.01), base()),
+        "Eigen-SAM": lambda: optax.chain(
+            sam_jax.eigen_sam(0.05, 0.2, EIGEN_REFRESH_EVERY, 5), base()),
+        "optax.contrib.sam": lambda: optax.contrib.sam(
+            base(), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),
+            sync_period=2, opaque_mode=True),
+    }
+
+
+def make_step(model, tx, contrib: bool):
+    def loss_fn(params, batch):
+        logits = model.apply({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    def step(params, opt_state, batch):
+        grad_fn = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731
+        extra = (lambda p, i: grad_fn(p)) if contrib else grad_fn
+        updates, opt_state = tx.update(grad_fn(params), opt_state, params, grad_fn=extra)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step)
+
+
+def with_count(opt_state, count: int):
+    """The same chained state with Eigen-SAM's step counter set (picks the step kind)."""
+    def fix(node):
+        if isinstance(node, sam_jax.optim.EigenSAMState):
+            return node._replace(count=jnp.asarray(count, jnp.int32))
+        return node
+    return jax.tree.map(fix, opt_state, is_leaf=lambda n: isinstance(n, sam_jax.optim.EigenSAMState))
+
+
+def memory_bytes(compiled) -> int | None:
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if analysis is None:
+        return None
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    return int(sum(getattr(analysis, f, 0) or 0 for f in fields))
+
+
+def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=input_shape), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 10, size=input_shape[0]), jnp.int32)}
+    params = model.init(jax.random.key(0), batch["x"])["params"]
+
+    # name -> (compiled step, args); Eigen-SAM appears twice: a plain and a refresh step
+    cases = {}
+    memory = {}
+    for name, factory in transforms().items():
+        tx = factory()
+        state = tx.init(params)
+        step = make_step(model, tx, contrib=name == "optax.contrib.sam")
+        kinds = {name: state}
+        if name == "Eigen-SAM":
+            kinds = {"Eigen-SAM plain step": with_count(state, 1),
+                     "Eigen-SAM refresh step": with_count(state, EIGEN_REFRESH_EVERY)}
+        for case, case_state in kinds.items():
+            args = (params, case_state, batch)
+            compiled = step.lower(*args).compile()
+            memory[case] = memory_bytes(compiled)
+            jax.block_until_ready(compiled(*args))  # warm up
+            cases[case] = (compiled, args)
+
+    samples = {case: [] for case in cases}
+    for _ in range(repeats):  # interleaved: every method sees the same load
+        for case, (compiled, args) in cases.items():
+            start = time.perf_counter()
+            for _ in range(calls_per_sample):
+                out = compiled(*args)
+            jax.block_until_ready(out)
+            samples[case].append((time.perf_counter() - start) / calls_per_sample)
+    times = {case: statistics.median(s) for case, s in samples.items()}
+    plain, refresh = times.pop("Eigen-SAM plain step"), times.pop("Eigen-SAM refresh step")
+    p = EIGEN_REFRESH_EVERY
+    times["Eigen-SAM"] = ((p - 1) * plain + refresh) / p
+    times["Eigen-SAM plain step"], times["Eigen-SAM refresh step"] = plain, refresh
+    memory["Eigen-SAM"] = max(memory["Eigen-SAM plain step"] or 0, memory["Eigen-SAM refresh step"] or 0) or None
+    return times, memory
+
+
+ORDER = ["SGD", "SAM", "USAM", "ASAM", "Eigen-SAM", "Eigen-SAM plain step",
+         "Eigen-SAM refresh step", "optax.contrib.sam"]
+
+
+def format_table(title, times, memory) -> str:
+    sgd, sam, contrib = times["SGD"], times["SAM"], times["optax.contrib.sam"]
+    lines = [f"### {title}", "",
+             "| method | ms / step | × SGD | × SAM | × contrib.sam | peak memory (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in ORDER:
+        t = times[name]
+        mem = memory.get(name)
+        mem_text = f"{mem / 2**20:.2f}" if mem else "n/a"
+        lines.append(f"| {name} | {t * 1e3:.3f} | {t / sgd:.2f} | {t / sam:.2f} | "
+                     f"{t / contrib:.2f} | {mem_text} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=41, help="timing samples per method")
+    parser.add_argument("--calls-per-sample", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="5 repeats of 2 calls")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.calls_per_sample = 5, 2
+
+    print(f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
+          f"devices {jax.devices()}; median of {args.repeats} interleaved samples "
+          f"of {args.calls_per_sample} calls\n")
+    verdicts = []
+    for title, model, shape in problems():
+        times, memory = bench_problem(model, shape, args.repeats, args.calls_per_sample)
+        print(format_table(title, times, memory), "\n", flush=True)
+        verdicts += [
+            (f"{title}: SAM / SGD", times["SAM"] / times["SGD"], 2.05),
+            (f"{title}: SAM / optax.contrib.sam", times["SAM"] / times["optax.contrib.sam"], 1.0),
+            (f"{title}: Eigen-SAM / SAM", times["Eigen-SAM"] / times["SAM"], 1.15),
+        ]
+    print("Targets:")
+    for label, ratio, target in verdicts:
+        print(f"  {label} = {ratio:.3f} (target <= {target}) {'OK' if ratio <= target else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Host-side (numpy), vectorized augmentation, normalization and label noise.
+
+Pipeline order follows the PyTorch code the papers build on (davda54/sam, the
+late-phase SAM code): random crop with zero padding and horizontal flip on the
+raw image, then conversion to float and per-channel normalization, then Cutout
+(which zeroes a square of the *normalized* image).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def random_crop(images: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
+    """Zero-pad each NHWC image by ``padding`` pixels and crop back at a random offset.
+
+    Args:
+      images: (N, H, W, C) array of any dtype.
+      padding: pixels of zero padding on each side (4 for CIFAR).
+      rng: numpy Generator; one (dy, dx) offset in [0, 2*padding] per image.
+
+    Returns:
+      Array of the same shape and dtype.
+    """
+    _check_images(images)
+    if padding < 0:
+        raise ValueError(f"crop padding must be >= 0, got {padding}")
+    if padding == 0:
+        return images
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy = rng.integers(0, 2 * padding + 1, size=n)
+    dx = rng.integers(0, 2 * padding + 1, size=n)
+    # All (2p+1)^2 windows as a strided view (no copy); pick one per image.
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))  # (N, 2p+1, 2p+1, C, H, W)
+    return np.ascontiguousarray(windows[np.arange(n), dy, dx].transpose(0, 2, 3, 1))
+
+
+def random_flip(images: np.ndarray, rng: np.random.Generator, probability: float = 0.5) -> np.ndarray:
+    """Mirror each NHWC image left-right with the given probability."""
+    _check_images(images)
+    flip = rng.random(images.shape[0]) < probability
+    out = images.copy()
+    out[flip] = images[flip, :, ::-1, :]
+    return out
+
+
+def cutout(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Zero a ``size`` x ``size`` square per image (DeVries & Taylor 2017).
+
+    The centre is uniform over the image and the square is clipped at the
+    border, as in the reference implementation (16 px for CIFAR WRNs).
+    """
+    _check_images(images)
+    if size <= 0:
+        return images
+    n, h, w, _ = images.shape
+    cy = rng.integers(0, h, size=n)
+    cx = rng.integers(0, w, size=n)
+    half = size // 2
+    ys = np.arange(h)[None, :]
+    xs = np.arange(w)[None, :]
+    in_rows = (ys >= (cy - half)[:, None]) & (ys < (cy - half + size)[:, None])  # (N, H)
+    in_cols = (xs >= (cx - half)[:, None]) & (xs < (cx - half + size)[:, None])  # (N, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :]
+    return np.where(mask[..., None], np.zeros((), images.dtype), images)
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [0, 1]; float inputs -> float32 unchanged."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    return x.astype(np.float32, copy=False)
+
+
+def normalize(x: np.ndarray, mean, std) -> np.ndarray:
+    """(x - mean) / std with per-channel (last axis) or scalar statistics."""
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    if np.any(std <= 0):
+        raise ValueError(f"normalization std must be positive, got {std}")
+    return (x - mean) / std
+
+
+def to_float_normalized(x: np.ndarray, normalization) -> np.ndarray:
+    """``normalize(to_float(x), mean, std)`` in one pass over a fresh float32 copy.
+
+    Args:
+      x: uint8 (scaled by 1/255) or float array.
+      normalization: (mean, std) or None.
+    """
+    scale = np.float32(1 / 255) if x.dtype == np.uint8 else np.float32(1)
+    out = x.astype(np.float32)  # always a copy: the in-place ops below never touch x
+    if normalization is None:
+        if scale != 1:
+            out *= scale
+        return out
+    mean = np.asarray(normalization[0], np.float32)
+    std = np.asarray(normalization[1], np.float32)
+    if np.any(std <= 0):
+        raise ValueError(f"normalization std must be positive, got {std}")
+    out *= scale / std
+    out -= mean / std
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation of NHWC images.
+
+    Attributes:
+      crop_padding: zero padding for random crops (4 for CIFAR/SVHN; 0 = off).
+      flip: random horizontal flips (on for CIFAR, off for digits).
+      cutout: Cutout square size in pixels (16 for WRN in the late-phase SAM code; 0 = off).
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    cutout: int = 0
+
+    def __post_init__(self):
+        if self.crop_padding < 0 or self.cutout < 0:
+            raise ValueError(f"crop_padding and cutout must be >= 0, got {self}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.crop_padding == 0 and not self.flip and self.cutout == 0
+
+    def geometric(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Crop and flip (applied to raw images, before normalization)."""
+        if self.crop_padding:
+            images = random_crop(images, self.crop_padding, rng)
+        if self.flip:
+            images = random_flip(images, rng)
+        return images
+
+    def erase(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Cutout (applied to normalized images)."""
+        return cutout(images, self.cutout, rng) if self.cutout else images
+
+
+def flip_labels(
+    labels: np.ndarray, fraction: float, num_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric label noise: exactly round(fraction * N) labels changed.
+
+    The chosen examples get a label drawn uniformly from the *other* classes, so
+    the fraction of wrong labels is exactly the requested one.
+
+    Args:
+      labels: (N,) integer labels.
+      fraction: in [0, 1].
+      num_classes: number of classes (>= 2).
+      seed: seed of the noise (independent of the shuffling seed).
+
+    Returns:
+      (noisy_labels int32, flipped bool mask).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise fraction must be in [0, 1], got {fraction}")
+    if num_classes < 2:
+        raise ValueError(f"label noise needs >= 2 classes, got {num_classes}")
+    labels = np.asarray(labels).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    num_flipped = int(round(fraction * labels.shape[0]))
+    chosen = rng.choice(labels.shape[0], size=num_flipped, replace=False)
+    offset = rng.integers(1, num_classes, size=num_flipped)  # never 0: a different class
+    noisy = labels.copy()
+    noisy[chosen] = (labels[chosen] + offset) % num_classes
+    flipped = np.zeros(labels.shape[0], bool)
+    flipped[chosen] = True
+    return noisy, flipped
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"image augmentation expects NHWC arrays, got shape {images.shape}")

@@ -1,0 +1,53 @@
+"""The SAM family as Optax gradient transformations.
+
+Every member is an ``optax.GradientTransformationExtraArgs`` that turns the minibatch
+gradient into the gradient to step from, given ``grad_fn`` (the same minibatch's
+gradient function)::
+
+  tx = optax.chain(sam_jax.sam(rho=0.05), optax.sgd(0.1, momentum=0.9))
+  updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+
+All are built on :func:`sam_jax.optim._core.perturbation_transform`.
+"""
+
+from sam_jax.optim._core import PerturbationState, perturbation_transform
+from sam_jax.optim.asam import ASAMState, asam
+from sam_jax.optim.egr import EGRState, egr
+from sam_jax.optim.eigen_sam import (
+    EigenSAMState,
+    eigen_sam,
+    hessian_vector_product,
+    power_iteration,
+)
+from sam_jax.optim.registry import (
+    PERTURBATIONS,
+    gradient_evals_per_step,
+    make_perturbation,
+    perturbation_stats,
+)
+from sam_jax.optim.reverse_sam import ReverseSAMState, reverse_sam
+from sam_jax.optim.sam import SAMState, sam
+from sam_jax.optim.usam import USAMState, usam
+
+__all__ = [
+    "ASAMState",
+    "EGRState",
+    "EigenSAMState",
+    "PERTURBATIONS",
+    "PerturbationState",
+    "ReverseSAMState",
+    "SAMState",
+    "USAMState",
+    "asam",
+    "egr",
+    "eigen_sam",
+    "gradient_evals_per_step",
+    "hessian_vector_product",
+    "make_perturbation",
+    "perturbation_stats",
+    "perturbation_transform",
+    "power_iteration",
+    "reverse_sam",
+    "sam",
+    "usam",
+]

@@ -1,0 +1,316 @@
+"""The one mechanism every member of the SAM family is built on.
+
+A SAM-like step has two parts:
+
+1. a *perturbation rule* ``(ascent_grads, params, state) -> epsilon`` that says where
+   to look (SAM: ``rho * g / ||g||``; ASAM scales it elementwise; Eigen-SAM adds an
+   eigenvector component, ...), and
+2. the evaluation of the same minibatch's gradient there, ``grad_fn(params + epsilon)``
+   (EGR combines it with ``g`` instead of returning it as is).
+
+:func:`perturbation_transform` turns a rule into an
+``optax.GradientTransformationExtraArgs`` and handles everything the variants share:
+the multi-device contract of ``docs/ARCHITECTURE.md`` (``axis_name``,
+``sync_perturbation``), the logged norms, the step counter, and the guarantee that
+``rho == 0`` returns the incoming gradient untouched (bit for bit the base optimizer),
+also when ``rho`` is a traced value under ``optax.inject_hyperparams``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+Updates = Any
+GradFn = Callable[[Params], Updates]
+
+
+class PerturbationState(NamedTuple):
+    """State of ``sam``, ``usam``, ``asam`` and ``reverse_sam``.
+
+    Attributes:
+      count: number of ``update`` calls so far (int32 scalar).
+      grad_norm: ``||g||`` of the ascent gradient of the last step (the synced one
+        when ``sync_perturbation``; with per-device perturbations the mean over
+        devices of the local norms, so that the state stays replicated).
+      perturbation_norm: ``||epsilon||`` of the last step (same averaging rule).
+    """
+
+    count: jax.Array
+    grad_norm: jax.Array
+    perturbation_norm: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Pytree arithmetic used by every rule.
+# ---------------------------------------------------------------------------
+
+
+def _accumulation_dtype(x) -> jnp.dtype:
+    # Sum squares in at least float32 (bf16 params), keep float64 when enabled.
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def tree_vdot(a: Updates, b: Updates) -> jax.Array:
+    """Inner product ``<a, b>`` of two pytrees with the same structure."""
+    products = jax.tree.map(
+        lambda x, y: jnp.sum(x.astype(_accumulation_dtype(x)) * y.astype(_accumulation_dtype(x))),
+        a,
+        b,
+    )
+    leaves = jax.tree.leaves(products)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return sum(leaves[1:], leaves[0])
+
+
+def tree_norm(tree: Updates) -> jax.Array:
+    """Euclidean norm of a pytree (all leaves flattened into one vector)."""
+    return jnp.sqrt(tree_vdot(tree, tree))
+
+
+def tree_scale(scalar, tree: Updates) -> Updates:
+    """``scalar * tree`` leafwise, keeping each leaf's dtype."""
+    return jax.tree.map(lambda x: (scalar * x).astype(x.dtype), tree)
+
+
+def tree_add(a: Updates, b: Updates) -> Updates:
+    """``a + b`` leafwise, in ``a``'s dtypes (``a`` is usually the params)."""
+    return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
+def tree_where(pred, on_true: Updates, on_false: Updates) -> Updates:
+    """Select whole pytrees on a scalar predicate (no branch, both are computed)."""
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), on_true, on_false)
+
+
+def safe_inverse_norm(norm: jax.Array, eps) -> jax.Array:
+    """``1 / (norm + eps)``, and 0 where ``norm == 0``.
+
+    The ``norm > 0`` guard is what makes a zero gradient give a zero perturbation
+    even with ``eps = 0`` (google-research/sam and optax.contrib divide by the bare
+    norm and return NaN there, optax PR #1743).
+    """
+    positive = norm > 0
+    return jnp.where(positive, 1.0 / jnp.where(positive, norm + eps, 1.0), 0.0)
+
+
+def normalized(tree: Updates, eps) -> tuple[Updates, jax.Array]:
+    """``(tree / (||tree|| + eps), ||tree||)``, with 0 for a zero tree (never NaN)."""
+    norm = tree_norm(tree)
+    return tree_scale(safe_inverse_norm(norm, eps), tree), norm
+
+
+def gradient_at(
+    grad_fn: GradFn, params: Params, epsilon: Updates, like: Updates, axis_name=None
+) -> Updates:
+    """``grad_fn(params + epsilon)`` on each device, cast to the dtypes of ``like``.
+
+    With ``axis_name`` the point is marked per-device (:func:`as_per_device`), so the
+    result is the local gradient even when params and epsilon are replicated.
+    """
+    perturbed = grad_fn(as_per_device(tree_add(params, epsilon), axis_name))
+    return jax.tree.map(lambda g, ref: g.astype(ref.dtype), perturbed, like)
+
+
+# ---------------------------------------------------------------------------
+# Multi-device helpers (docs/ARCHITECTURE.md, "Optimizers").
+# ---------------------------------------------------------------------------
+
+
+def mean_over_devices(tree, axis_name: Optional[str]):
+    """``pmean`` over ``axis_name``, or the identity when it is ``None``."""
+    if axis_name is None:
+        return tree
+    return jax.lax.pmean(tree, axis_name=axis_name)
+
+
+def _varying_axes(x) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)  # jax >= 0.9: manual axis type
+    if manual is not None and hasattr(manual, "varying"):
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # older jax
+
+
+def as_per_device(tree, axis_name: Optional[str]):
+    """Mark ``tree`` as varying over ``axis_name`` so that gradients taken at it stay local.
+
+    Inside ``jax.shard_map`` (``check_vma=True``, the default) JAX *sums* over devices
+    the gradient with respect to a replicated input. Evaluating ``grad_fn`` at
+    ``pcast(point, to="varying")`` instead returns each device's own gradient, which
+    is what the contract averages with ``pmean``. Leaves already varying are left
+    alone; under ``jax.pmap`` or ``check_vma=False`` the cast is a no-op.
+    """
+    if axis_name is None:
+        return tree
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+    def cast(x):
+        varying = _varying_axes(x)
+        missing = tuple(a for a in axes if a not in varying)
+        if not missing:
+            return x
+        return jax.lax.pcast(x, missing if len(missing) > 1 else missing[0], to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
+def ascent_gradient(grads: Updates, axis_name: Optional[str], sync_perturbation: bool) -> Updates:
+    """The gradient the perturbation is computed from.
+
+    Synced epsilon averages it over devices first (the global-batch ascent direction);
+    per-device epsilon (m-sharpness, the default of google-research/sam) keeps the
+    local one.
+    """
+    if sync_perturbation:
+        return mean_over_devices(grads, axis_name)
+    return grads
+
+
+# ---------------------------------------------------------------------------
+# rho == 0 pass-through.
+# ---------------------------------------------------------------------------
+
+
+def static_value(x) -> Optional[float]:
+    """The Python value of a concrete scalar, ``None`` for a tracer (e.g. an injected rho)."""
+    try:
+        return float(x)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return None
+
+
+def select_on_rho(rho, grads: Updates, perturbed: Callable[[], Updates]) -> Updates:
+    """``grads`` when ``rho == 0`` (untouched, bit for bit), ``perturbed()`` otherwise.
+
+    A concrete ``rho`` decides in Python, so the compiled step carries no branch;
+    a traced ``rho`` (``optax.inject_hyperparams``) uses ``lax.cond``, so the second
+    gradient is not even computed on steps where the schedule gives 0.
+    """
+    value = static_value(rho)
+    if value is not None:
+        return grads if value == 0.0 else perturbed()
+    return jax.lax.cond(jnp.asarray(rho) == 0, lambda: grads, perturbed)
+
+
+def check_rho(rho, name: str = "rho") -> None:
+    """ValueError for a negative or non-finite concrete ``rho`` (tracers pass through)."""
+    value = static_value(rho) if not callable(rho) else None
+    if value is not None and (not jnp.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {rho!r}")
+
+
+def check_axis_name(axis_name) -> None:
+    if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+        raise ValueError(f"axis_name must be None, a str or a tuple of str, got {axis_name!r}")
+
+
+# ---------------------------------------------------------------------------
+# The transform factory.
+# ---------------------------------------------------------------------------
+
+# perturb(ascent_grads, params, state, grad_fn, extra_args) -> (epsilon, extra_state_fields)
+PerturbFn = Callable[..., tuple[Updates, dict]]
+# evaluate(grads, params, epsilon, ascent_grads, grad_fn, axis_name) -> updates
+EvaluateFn = Callable[..., Updates]
+
+
+def default_evaluate(grads, params, epsilon, ascent_grads, grad_fn, axis_name=None):
+    """The SAM evaluation: the local gradient at the perturbed point."""
+    del ascent_grads
+    return gradient_at(grad_fn, params, epsilon, like=grads, axis_name=axis_name)
+
+
+def perturbation_transform(
+    perturb: PerturbFn,
+    rho,
+    *,
+    axis_name: Optional[str] = None,
+    sync_perturbation: bool = True,
+    state_type: type = PerturbationState,
+    init_extra: Optional[Callable[[Params], dict]] = None,
+    evaluate: EvaluateFn = default_evaluate,
+    name: str = "sam",
+) -> optax.GradientTransformationExtraArgs:
+    """Build a SAM-family transform from a perturbation rule.
+
+    Args:
+      perturb: ``perturb(ascent_grads, params, state, grad_fn, extra_args) ->
+        (epsilon, extra_fields)``; ``extra_fields`` updates the variant's own state
+        fields (e.g. Eigen-SAM's eigenvector).
+      rho: perturbation radius (a number, or a traced scalar under
+        ``optax.inject_hyperparams``). ``rho == 0`` returns the incoming gradient.
+      axis_name: ``None`` (single device, or global arrays under ``jax.jit``), or the
+        mapped axis inside ``jax.shard_map`` / ``jax.pmap``; the returned gradient is
+        then ``pmean``-ed over it.
+      sync_perturbation: with ``axis_name``, compute epsilon from the device-averaged
+        gradient (True) or from each device's own gradient (False, m-sharpness).
+      state_type: NamedTuple with at least ``count``, ``grad_norm``,
+        ``perturbation_norm``, plus the fields ``init_extra`` returns.
+      init_extra: ``params -> dict`` of the variant's own initial state fields.
+      evaluate: ``evaluate(grads, params, epsilon, ascent_grads, grad_fn,
+        axis_name) -> updates``, how the perturbed point becomes the output
+        gradient (before the ``pmean``); by default ``grad_fn(params + epsilon)``.
+      name: the variant's name, for error messages.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+      ``grad_fn`` (required) as a keyword argument; other keyword arguments are
+      passed to ``perturb`` as ``extra_args``.
+    """
+    check_rho(rho)
+    check_axis_name(axis_name)
+
+    def init_fn(params):
+        extra = init_extra(params) if init_extra is not None else {}
+        zero = jnp.zeros((), jnp.float32)
+        return state_type(
+            count=jnp.zeros((), jnp.int32), grad_norm=zero, perturbation_norm=zero, **extra
+        )
+
+    def update_fn(updates, state, params=None, *, grad_fn: Optional[GradFn] = None, **extra_args):
+        if params is None:
+            raise ValueError(f"{name}.update needs params (the point the gradient was taken at).")
+        if grad_fn is None:
+            raise ValueError(
+                f"{name}.update needs grad_fn=..., a function params -> grads of the same "
+                "minibatch, e.g. tx.update(grads, state, params, grad_fn=grad_fn)."
+            )
+        ascent = ascent_gradient(updates, axis_name, sync_perturbation)
+        epsilon, extra_fields = perturb(ascent, params, state, grad_fn, extra_args)
+        out = select_on_rho(
+            rho, updates, lambda: evaluate(updates, params, epsilon, ascent, grad_fn, axis_name)
+        )
+        out = mean_over_devices(out, axis_name)
+
+        stats = {
+            "grad_norm": tree_norm(ascent).astype(jnp.float32),
+            "perturbation_norm": tree_norm(epsilon).astype(jnp.float32),
+        }
+        # Per-device quantities differ across devices; average the logged scalars so
+        # the optimizer state stays replicated (its out_specs can stay P()).
+        scalar_fields = {
+            k: v for k, v in extra_fields.items() if k in _PER_DEVICE_SCALARS
+        }
+        stats.update(scalar_fields)
+        if axis_name is not None and not sync_perturbation:
+            stats = mean_over_devices(stats, axis_name)
+        extra_fields = {**extra_fields, **stats}
+        new_state = state._replace(
+            count=optax.safe_increment(state.count), **extra_fields
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# Scalar state fields that depend on the local gradient and are device-averaged in
+# per-device mode (see perturbation_transform).
+_PER_DEVICE_SCALARS = ("eigen_cosine",)

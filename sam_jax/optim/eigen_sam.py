@@ -1,0 +1,222 @@
+"""Eigen-SAM (Luo et al. 2024): SAM plus the top Hessian eigenvector's orthogonal part."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_jax.optim import _core
+
+PRE_ESTIMATE_MODES = ("unnormalized", "sam")
+
+# Added to ||Hv||^2 before the square root in each power-iteration normalization,
+# as in the released code (RitianLuo/EigenSAM).
+_POWER_ITERATION_EPS = 1e-12
+
+
+class EigenSAMState(NamedTuple):
+    """State of :func:`eigen_sam`.
+
+    Attributes:
+      count: number of ``update`` calls so far (optimizer steps, never reset).
+      grad_norm: ``||g||`` of the last ascent gradient.
+      perturbation_norm: ``||epsilon||`` of the last step.
+      eigenvector: unit-norm estimate of the top Hessian eigenvector (a params-shaped
+        pytree); before the first refresh, the random start vector.
+      eigenvalue: Rayleigh quotient ``<v, Hv>`` of the last power iteration (0 before
+        the first refresh).
+      eigen_cosine: ``|cos(epsilon, v)|`` of the last step (the eigenvector's sign is
+        arbitrary, so the absolute value is what measures alignment); 0 before the
+        first refresh.
+      has_eigenvector: whether at least one refresh has happened.
+    """
+
+    count: jax.Array
+    grad_norm: jax.Array
+    perturbation_norm: jax.Array
+    eigenvector: _core.Params
+    eigenvalue: jax.Array
+    eigen_cosine: jax.Array
+    has_eigenvector: jax.Array
+
+
+def hessian_vector_product(grad_fn: _core.GradFn, params, vector, axis_name=None):
+    """``H v`` by forward-over-reverse: the JVP of ``grad_fn`` at ``params`` along ``v``.
+
+    With ``axis_name`` (inside ``shard_map`` / ``pmap``) it is each device's own
+    ``H v``; average it with ``pmean`` for the global batch's.
+    """
+    tangent = jax.tree.map(lambda p, v: v.astype(p.dtype), params, vector)
+    point, tangent = _core.as_per_device((params, tangent), axis_name)
+    return jax.jvp(grad_fn, (point,), (tangent,))[1]
+
+
+def power_iteration(
+    grad_fn: _core.GradFn,
+    params,
+    start,
+    num_iters,
+    axis_name: Optional[str] = None,
+):
+    """Warm-started power iteration on the Hessian of ``grad_fn``'s loss.
+
+    Each iteration: ``Hv`` (device-averaged when ``axis_name`` is given),
+    ``lambda = <v, Hv>``, ``v <- Hv / sqrt(||Hv||^2 + 1e-12)`` (released code).
+
+    Args:
+      grad_fn: ``params -> grads`` of the loss whose Hessian is wanted.
+      params: the point.
+      start: starting vector (pytree like params), ideally unit norm.
+      num_iters: number of HVPs (may be a traced integer).
+      axis_name: average ``Hv`` over this mapped axis (Hessian of the global batch).
+
+    Returns:
+      ``(v, eigenvalue)``: the new unit vector and the Rayleigh quotient of the last
+      iteration's input vector. Power iteration finds the eigenvalue of largest
+      *magnitude*, which may be negative away from a minimum.
+    """
+
+    def body(_, carry):
+        v, _ = carry
+        hv = _core.mean_over_devices(
+            hessian_vector_product(grad_fn, params, v, axis_name), axis_name
+        )
+        eigenvalue = _core.tree_vdot(v, hv).astype(jnp.float32)
+        norm = jnp.sqrt(_core.tree_vdot(hv, hv) + _POWER_ITERATION_EPS)
+        new_v = jax.tree.map(lambda h, old: (h / norm).astype(old.dtype), hv, v)
+        return new_v, eigenvalue
+
+    return jax.lax.fori_loop(0, num_iters, body, (start, jnp.zeros((), jnp.float32)))
+
+
+def eigen_sam(
+    rho=0.05,
+    alpha=0.2,
+    refresh_every=100,
+    power_iters=5,
+    *,
+    pre_estimate: str = "unnormalized",
+    seed=0,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    sync_perturbation: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Eigen-SAM: SAM's perturbation plus the top eigenvector's part orthogonal to ``g``.
+
+    ``epsilon = rho (g_hat + alpha sign(<g, v>) v_perp)``, ``v_perp = v - <g_hat, v> g_hat``,
+    ``g_hat = g / (||g|| + eps)``, **not renormalized** (so ``||epsilon|| = rho
+    sqrt(1 + alpha^2 ||v_perp||^2)``), as in the released code. ``v`` is the state's
+    estimate of the top Hessian eigenvector of the *current minibatch* loss,
+    refreshed when ``count % refresh_every == 0 and count > 0`` by ``power_iters``
+    warm-started power iterations on forward-over-reverse HVPs of ``grad_fn`` (or of
+    ``hvp_grad_fn``, see below); the refresh sits in a ``lax.cond``, so other steps
+    compute no HVP. The first start vector is standard normal (from ``seed``),
+    normalized.
+
+    Step counter: the released code's counter restarts every epoch (so it refreshes
+    at steps p, 2p, ... of each epoch and never at an epoch's first step); here
+    ``count`` counts optimizer steps over the whole run and is never reset.
+
+    BatchNorm: the released code takes the HVP with the model in eval mode (running
+    statistics). Pass ``hvp_grad_fn=`` (a ``params -> grads`` function of the same
+    minibatch in eval mode) to ``update`` to do the same; without it the HVP uses
+    ``grad_fn``.
+
+    Args:
+      rho: perturbation radius; 0.05 is the released default (README example 0.1).
+      alpha: weight of the eigenvector component; 0.2 released default (the paper
+        tunes it in {0.05, 0.1, 0.2}).
+      refresh_every: ``p``, optimizer steps between eigenvector refreshes (100).
+      power_iters: power iterations per refresh (5, released code).
+      pre_estimate: perturbation before the first eigenvector estimate exists:
+        ``"unnormalized"`` (``rho * g``, as the released code) or ``"sam"``
+        (``rho * g_hat``).
+      seed: seed of the first (standard normal) start vector.
+      eps: normalization eps of ``g_hat``, as in :func:`sam_jax.sam`.
+      axis_name: as in :func:`sam_jax.sam`. With it, ``Hv`` is always averaged
+        over devices (the eigenvector is the global-batch Hessian's, so the state
+        stays replicated); ``sync_perturbation`` only decides which ``g`` enters
+        epsilon.
+      sync_perturbation: as in :func:`sam_jax.sam`.
+
+    Under ``optax.inject_hyperparams`` pass
+    ``static_args=("refresh_every", "power_iters", "seed")`` unless they should be
+    traced (traced values work, at the cost of a ``while_loop``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (state :class:`EigenSAMState`);
+      ``update(grads, state, params, grad_fn=..., hvp_grad_fn=None)``. Cost per step:
+      2 gradients plus ``2 * power_iters / refresh_every`` on average.
+
+    References:
+      Luo, Truong, Pham, Harandi, Phung, Le, "Explicit Eigenvalue Regularization
+      Improves Sharpness-Aware Minimization", NeurIPS 2024; code RitianLuo/EigenSAM.
+    """
+    if pre_estimate not in PRE_ESTIMATE_MODES:
+        raise ValueError(f"pre_estimate must be one of {PRE_ESTIMATE_MODES}, got {pre_estimate!r}")
+    _core.check_rho(alpha, "alpha")
+    for arg_name, value in (("refresh_every", refresh_every), ("power_iters", power_iters)):
+        concrete = _core.static_value(value)
+        if concrete is not None and (concrete < 1 or concrete != int(concrete)):
+            raise ValueError(f"{arg_name} must be an integer >= 1, got {value!r}")
+
+    def init_extra(params):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+        start = treedef.unflatten(
+            [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
+        )
+        start, _ = _core.normalized(start, 0.0)
+        return {
+            "eigenvector": start,
+            "eigenvalue": jnp.zeros((), jnp.float32),
+            "eigen_cosine": jnp.zeros((), jnp.float32),
+            "has_eigenvector": jnp.zeros((), jnp.bool_),
+        }
+
+    def perturb(g, params, state, grad_fn, extra_args):
+        hvp_grad_fn = extra_args.get("hvp_grad_fn") or grad_fn
+        refresh = (state.count % refresh_every == 0) & (state.count > 0)
+        vector, eigenvalue = jax.lax.cond(
+            refresh,
+            lambda: power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name),
+            lambda: (state.eigenvector, state.eigenvalue),
+        )
+        has_eigenvector = state.has_eigenvector | refresh
+
+        g_hat, _ = _core.normalized(g, eps)
+        along = _core.tree_vdot(g_hat, vector)
+        side = jnp.sign(_core.tree_vdot(g, vector))
+        eigen_eps = jax.tree.map(
+            lambda gh, v: (rho * (gh + alpha * side * (v - along * gh))).astype(gh.dtype),
+            g_hat,
+            vector,
+        )
+        before = g if pre_estimate == "unnormalized" else g_hat
+        epsilon = _core.tree_where(has_eigenvector, eigen_eps, _core.tree_scale(rho, before))
+
+        eps_norm = _core.tree_norm(epsilon)
+        cosine = jnp.abs(_core.tree_vdot(epsilon, vector)) * _core.safe_inverse_norm(
+            eps_norm * _core.tree_norm(vector), 0.0
+        )
+        # Before the first estimate v is only the random start: log 0, not noise.
+        cosine = jnp.where(has_eigenvector, cosine, 0.0)
+        return epsilon, {
+            "eigenvector": vector,
+            "eigenvalue": eigenvalue,
+            "eigen_cosine": cosine.astype(jnp.float32),
+            "has_eigenvector": has_eigenvector,
+        }
+
+    return _core.perturbation_transform(
+        perturb,
+        rho,
+        axis_name=axis_name,
+        sync_perturbation=sync_perturbation,
+        state_type=EigenSAMState,
+        init_extra=init_extra,
+        name="eigen_sam",
+    )

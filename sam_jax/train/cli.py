@@ -1,0 +1,137 @@
+"""Command line: ``python -m sam_jax.train --dataset mnist1d --model cnn1d
+--phases sgd:20,sam:5 --workdir DIR``.
+
+Every `TrainConfig` field is a flag (``batch_size`` -> ``--batch-size``; booleans
+have ``--no-`` forms; dict fields take JSON, e.g. ``--model-kwargs '{"width": 8}'``;
+``none`` unsets an optional number). Invalid values exit with an argparse error
+naming the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+
+from sam_jax.train.config import TrainConfig
+
+_HELP = {
+    "workdir": "output directory: config.json, metrics.jsonl, checkpoints/",
+    "dataset": "mnist1d | digits | patch | cifar10 | cifar100 | svhn | fashion_mnist | mnist",
+    "dataset_kwargs": "JSON dict passed to get_dataset, e.g. '{\"num_samples\": 10000}'",
+    "model": "mlp | cnn6 | cnn1d | resnet18 | resnet50 | wrn16_8 | wrn28_10 | wrn | patch_cnn",
+    "model_kwargs": "JSON dict passed to get_model, e.g. '{\"width\": 8}'",
+    "phases": "name:epochs[:rho][:key=value...] list, e.g. sgd:150,sam:10 (global epochs)",
+    "rho": "default perturbation radius of phases without one (SAM paper 0.05)",
+    "perturbation_kwargs": "JSON dict of options for every non-SGD perturbation",
+    "batch_size": "global batch size (late-phase SAM code: 128)",
+    "eval_batch_size": "test evaluation batch size",
+    "steps_per_epoch": "cap on steps per epoch (default: one pass over the train set)",
+    "lr": "peak learning rate",
+    "schedule": "cosine | wrn_step | constant, on the global step",
+    "warmup_epochs": "linear warm-up epochs",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "weight decay coefficient",
+    "weight_decay_mode": "decoupled (in SGD, PyTorch repos) | loss (L2 in the loss, official JAX SAM)",
+    "label_smoothing": "label smoothing of the training loss (late-phase SAM code: 0.1)",
+    "clip_norm": "global-norm clip of the final gradient (official JAX SAM: 5.0)",
+    "momentum_at_switch": "reset (paper's code) | carry the momentum buffer across a switch",
+    "num_devices": "devices on the data mesh axis (default all)",
+    "per_device_perturbation": "per-device epsilon (m-sharpness) via shard_map",
+    "seed": "seed of init, data order and dropout",
+    "init_from": "start from another run's checkpoint: its workdir",
+    "init_step": "... at this epoch (global epochs continue from it)",
+    "resume": "resume from the latest checkpoint in workdir",
+    "keep_last": "keep the last N checkpoints (none: all); phase boundaries are always kept",
+    "keep_every": "also keep every N-th epoch",
+    "checkpoint_every": "save every N epochs (phase boundaries and the last epoch always)",
+    "lambda_max_every": "log lambda_max (Lanczos) every k epochs (0: never)",
+    "lambda_max_examples": "train examples (un-augmented) for lambda_max",
+    "lambda_max_bn_mode": "batch (late-phase SAM) | running (PyHessian)",
+    "lambda_max_iters": "Lanczos steps for lambda_max",
+    "eval_every": "evaluate on the test set every N epochs",
+    "progress": "tqdm progress bar",
+}
+
+
+def _optional(cast):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else cast(text)
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sam_jax.train",
+        description="Train a model with phases of SAM-family optimizers "
+                    "(e.g. --phases sgd:20,sam:5).")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = str(hints[field.name])
+        default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                   else field.default)
+        kwargs = {"default": default, "help": f"{_HELP.get(field.name, '')} (default: {default})"}
+        if hint.startswith("<class 'bool'>") or hint == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "dict" in hint:
+            kwargs["type"] = _json_dict
+        elif "int" in hint:
+            kwargs["type"] = _optional(int) if "None" in hint else int
+        elif "float" in hint:
+            kwargs["type"] = _optional(float) if "None" in hint else float
+        else:
+            kwargs["type"] = str
+        parser.add_argument(flag, dest=field.name, **kwargs)
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="simulate this many CPU devices (set before JAX starts)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    cpu_devices = args.pop("cpu_devices")
+    if cpu_devices is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    from sam_jax.train.loop import TrainingDiverged, check_config, run
+
+    config = TrainConfig(**args)
+    try:
+        check_config(config)
+    except ValueError as err:
+        parser.error(str(err))
+    start = time.time()
+    try:
+        result = run(config)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        parser.error(str(err))
+    from sam_jax.train.logging import summarize
+
+    print(summarize(result.history[-min(len(result.history), 10):]))
+    print(f"done: {result.final_epoch} epochs, {result.grad_evals:.0f} gradient evaluations, "
+          f"{time.time() - start:.1f} s this invocation; results in {result.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Run configuration: the `TrainConfig` dataclass and the phase syntax.
+
+A run is a sequence of optimizer phases over one global epoch axis, e.g.
+``"sgd:150,sam:10"`` trains with SGD for epochs 0-149 and SAM for 150-159 (the
+late-phase SAM paper's switching runs, papers.md §2). The learning-rate schedule
+and the phase boundaries are functions of the *global* epoch, also when a run
+starts from another run's checkpoint (``init_from``/``init_step``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+PHASE_SYNTAX = (
+    "phases are 'name:epochs[:rho][:key=value...]' separated by commas, "
+    "e.g. 'sgd:150,sam:10' or 'sgd:20,sam:5:0.1' or 'eigen_sam:10:0.05:alpha=0.2'"
+)
+SCHEDULES = ("cosine", "wrn_step", "constant")
+WEIGHT_DECAY_MODES = ("decoupled", "loss")
+MOMENTUM_AT_SWITCH = ("reset", "carry")
+BN_MODES = ("batch", "running")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One optimizer phase.
+
+    Attributes:
+      name: perturbation name understood by `sam_jax.optim.make_perturbation`
+        (``sgd`` is the identity: plain SGD).
+      epochs: number of epochs in the phase (> 0).
+      rho: perturbation radius for this phase; ``None`` uses `TrainConfig.rho`.
+      kwargs: extra keyword arguments of the perturbation (e.g. ``alpha`` of
+        Eigen-SAM, ``eta`` of ASAM).
+    """
+
+    name: str
+    epochs: int
+    rho: float | None = None
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def to_str(self) -> str:
+        parts = [self.name, str(self.epochs)]
+        if self.rho is not None:
+            parts.append(repr(float(self.rho)))
+        parts += [f"{k}={v}" for k, v in self.kwargs]
+        return ":".join(parts)
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_phases(spec: str) -> tuple[Phase, ...]:
+    """Parses ``"sgd:150,sam:10"`` into phases.
+
+    Args:
+      spec: comma-separated ``name:epochs[:rho][:key=value...]`` items.
+
+    Returns:
+      A tuple of `Phase`.
+
+    Raises:
+      ValueError: naming the malformed item (empty, non-integer or non-positive
+        epochs, negative rho, unknown perturbation name).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"malformed phases {spec!r}: empty; {PHASE_SYNTAX}")
+    phases = []
+    for item in spec.split(","):
+        fields = [f.strip() for f in item.strip().split(":")]
+        if len(fields) < 2 or not fields[0]:
+            raise ValueError(f"malformed phase {item!r} in {spec!r}: {PHASE_SYNTAX}")
+        name, epochs_text, rest = fields[0].lower(), fields[1], fields[2:]
+        try:
+            epochs = int(epochs_text)
+        except ValueError:
+            raise ValueError(
+                f"malformed phase {item!r}: epochs {epochs_text!r} is not an integer; "
+                f"{PHASE_SYNTAX}") from None
+        if epochs <= 0:
+            raise ValueError(f"malformed phase {item!r}: epochs must be > 0, got {epochs}")
+        rho, kwargs = None, []
+        for field in rest:
+            if "=" in field:
+                key, value = field.split("=", 1)
+                if key.strip() == "rho":
+                    rho = float(value)
+                else:
+                    kwargs.append((key.strip(), _parse_value(value.strip())))
+            elif rho is None:
+                try:
+                    rho = float(field)
+                except ValueError:
+                    raise ValueError(
+                        f"malformed phase {item!r}: {field!r} is neither a rho value "
+                        f"nor key=value; {PHASE_SYNTAX}") from None
+            else:
+                raise ValueError(f"malformed phase {item!r}: two rho values; {PHASE_SYNTAX}")
+        if rho is not None and (rho < 0 or not math.isfinite(rho)):
+            raise ValueError(f"phase {item!r}: rho must be a finite number >= 0, got {rho}")
+        phases.append(Phase(name, epochs, rho, tuple(kwargs)))
+    return tuple(phases)
+
+
+def phases_to_str(phases: tuple[Phase, ...]) -> str:
+    return ",".join(p.to_str() for p in phases)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (the CLI maps flags 1:1 onto it).
+
+    Defaults follow the late-phase SAM paper's code (papers.md §2) where it has one:
+    batch 128, momentum 0.9, momentum reset at a switch, phase boundaries and the
+    learning-rate schedule on the global epoch. Weight decay 5e-4 decoupled into
+    SGD is the PyTorch repos' convention (davda54/sam, Eigen-SAM); the official JAX
+    SAM puts L2 (1e-3) inside the loss: ``weight_decay_mode='loss'``.
+
+    Attributes:
+      workdir: output directory (config.json, metrics.jsonl, checkpoints/).
+      dataset, dataset_kwargs: `sam_jax.data.get_dataset(dataset, **dataset_kwargs)`.
+      model, model_kwargs: `sam_jax.models.get_model(model, num_classes, **model_kwargs)`.
+      phases: ``"sgd:150,sam:10"`` (see `parse_phases`); epochs are global.
+      rho: default perturbation radius for phases that give none (SAM paper: 0.05).
+      perturbation_kwargs: extra kwargs for every non-SGD perturbation (a phase's
+        own ``key=value`` items override them).
+      batch_size: global batch size (split over devices). Paper code: 128.
+      eval_batch_size: batch size for test evaluation.
+      steps_per_epoch: cap on steps per epoch (None: one pass over the train set);
+        for quick tests.
+      lr: peak learning rate. schedule: ``cosine`` | ``wrn_step`` (×1 before 0.3T,
+        ×0.2 before 0.6T, then ×0.04; late-phase SAM code) | ``constant``; both
+        run on the global step over the whole phase list.
+      warmup_epochs: linear warm-up (0 in the papers' code).
+      momentum, nesterov: SGD momentum (0.9, no Nesterov in the papers' code).
+      weight_decay, weight_decay_mode: ``decoupled`` (optax.add_decayed_weights in
+        the base optimizer, PyTorch convention) or ``loss`` (0.5·wd·‖w‖² inside the
+        loss, so it also enters the perturbation gradient, official JAX SAM).
+      label_smoothing: 0.1 in the late-phase SAM code; 0 by default here.
+      clip_norm: global-norm clipping of the final (perturbed) gradient; official
+        JAX SAM uses 5.0; None disables.
+      momentum_at_switch: ``reset`` (fresh optimizer at each phase switch, the
+        paper's code) or ``carry`` (the momentum buffer is kept).
+      num_devices: devices on the ``data`` mesh axis (None: all).
+      per_device_perturbation: per-device ε (m-sharpness) via shard_map; False
+        gives the synced ε of the global batch.
+      seed: seeds init, data order (a pure function of (seed, epoch)) and dropout.
+      init_from, init_step: start from another run's checkpoint at epoch
+        ``init_step`` (its workdir or its checkpoints/ dir); epochs continue at
+        ``init_step``.
+      resume: resume automatically from the latest checkpoint in ``workdir``.
+      keep_last: keep the last N checkpoints (None: all).
+      keep_every: also keep every N-th epoch (None: none). Phase boundaries are
+        always kept so other runs can branch from them.
+      checkpoint_every: save every N epochs (boundaries and the last epoch always).
+      lambda_max_every: log λ_max by Lanczos every k epochs (0: never).
+      lambda_max_examples, lambda_max_bn_mode, lambda_max_iters: the λ_max
+        protocol (late-phase SAM: ≤ 5000 un-augmented train examples, BN in train
+        mode i.e. ``batch``, no label smoothing).
+      eval_every: evaluate on the test set every N epochs (and the last one).
+      progress: show a tqdm progress bar.
+    """
+
+    workdir: str = "runs/default"
+    dataset: str = "mnist1d"
+    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
+    model: str = "cnn1d"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    phases: str = "sgd:20,sam:5"
+    rho: float = 0.05
+    perturbation_kwargs: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    steps_per_epoch: int | None = None
+    lr: float = 0.1
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    weight_decay_mode: str = "decoupled"
+    label_smoothing: float = 0.0
+    clip_norm: float | None = None
+    momentum_at_switch: str = "reset"
+    num_devices: int | None = None
+    per_device_perturbation: bool = False
+    seed: int = 0
+    init_from: str | None = None
+    init_step: int | None = None
+    resume: bool = True
+    keep_last: int | None = 2
+    keep_every: int | None = None
+    checkpoint_every: int = 1
+    lambda_max_every: int = 0
+    lambda_max_examples: int = 1000
+    lambda_max_bn_mode: str = "batch"
+    lambda_max_iters: int = 20
+    eval_every: int = 1
+    progress: bool = True
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def phase_list(self) -> tuple[Phase, ...]:
+        return parse_phases(self.phases)
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phase_list)
+
+    def phase_index(self, epoch: int) -> int:
+        """Index of the phase that trains global epoch ``epoch`` (0-indexed)."""
+        end = 0
+        for i, phase in enumerate(self.phase_list):
+            end += phase.epochs
+            if epoch < end:
+                return i
+        raise ValueError(f"epoch {epoch} is past the last phase ({self.total_epochs} epochs)")
+
+    def phase_boundaries(self) -> tuple[int, ...]:
+        """Epoch counts at which a phase starts or ends (checkpoint steps to keep)."""
+        bounds, end = [0], 0
+        for phase in self.phase_list:
+            end += phase.epochs
+            bounds.append(end)
+        return tuple(bounds)
+
+    def phase_rho(self, phase: Phase) -> float:
+        return self.rho if phase.rho is None else phase.rho
+
+    def phase_kwargs(self, phase: Phase) -> dict:
+        return {**self.perturbation_kwargs, **dict(phase.kwargs)}
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> "TrainConfig":
+        """Checks values that do not need the data or model; raises ValueError."""
+        phases = self.phase_list  # raises on malformed phases
+        if self.rho < 0 or not math.isfinite(self.rho):
+            raise ValueError(f"rho must be a finite number >= 0, got {self.rho}")
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("weight_decay_mode", self.weight_decay_mode, WEIGHT_DECAY_MODES)
+        _check_choice("momentum_at_switch", self.momentum_at_switch, MOMENTUM_AT_SWITCH)
+        _check_choice("lambda_max_bn_mode", self.lambda_max_bn_mode, BN_MODES)
+        positive = dict(batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                        checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
+                        lambda_max_examples=self.lambda_max_examples,
+                        lambda_max_iters=self.lambda_max_iters)
+        for name, value in positive.items():
+            if int(value) != value or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("steps_per_epoch", "num_devices", "keep_last", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.lambda_max_every < 0:
+            raise ValueError(f"lambda_max_every must be >= 0, got {self.lambda_max_every}")
+        for name in ("lr", "weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+        if (self.init_from is None) != (self.init_step is None):
+            raise ValueError("init_from and init_step must be given together "
+                             f"(got init_from={self.init_from!r}, init_step={self.init_step!r})")
+        if self.init_step is not None and not 0 <= self.init_step < self.total_epochs:
+            raise ValueError(f"init_step must be in [0, {self.total_epochs}) for phases "
+                             f"{self.phases!r}, got {self.init_step}")
+        del phases
+        return self
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")

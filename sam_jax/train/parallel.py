@@ -1,0 +1,88 @@
+"""Data parallelism: a 1-D ``data`` mesh, sharded batches, replicated state.
+
+Two ways to run a step on several devices:
+
+* **synced** (default): ``jax.jit`` with explicit in/out shardings on global arrays.
+  The batch is sharded on the ``data`` axis, params and optimizer state are
+  replicated; XLA inserts the all-reduces. Everything (the SAM ε, BatchNorm
+  statistics) is computed on the *global* batch, so the step equals the
+  single-device step on the same batch.
+* **per-device ε** (m-sharpness, official JAX SAM's default): the step body runs per
+  device inside ``jax.shard_map``; each device perturbs with its own gradient, the
+  two SAM gradients are averaged across devices (the transform's
+  ``axis_name='data', sync_perturbation=False``) and BatchNorm statistics are
+  pmean-ed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (None: all) named ``data``."""
+    devices = jax.devices()
+    if num_devices is None:
+        num_devices = len(devices)
+    if not 1 <= num_devices <= len(devices):
+        raise ValueError(f"num_devices must be in [1, {len(devices)}] (devices available), "
+                         f"got {num_devices}")
+    return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def num_shards(mesh: Mesh) -> int:
+    return mesh.shape[DATA_AXIS]
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    if batch_size % num_shards(mesh):
+        raise ValueError(f"{what} {batch_size} is not divisible by the {num_shards(mesh)} "
+                         "devices of the data mesh; change it or num_devices")
+
+
+def put_replicated(tree, mesh: Mesh):
+    return jax.device_put(tree, replicated(mesh))
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    return jax.device_put(batch, batch_sharded(mesh))
+
+
+def jit_train_step(step: Callable, mesh: Mesh, per_device: bool) -> Callable:
+    """Jit ``step(state, batch, lr, rng) -> (state, metrics)`` over ``mesh``.
+
+    Args:
+      step: from `sam_jax.train.step.make_train_step` (built with
+        ``axis_name='data'`` when ``per_device``).
+      mesh: the data mesh.
+      per_device: run ``step`` per device inside ``jax.shard_map``.
+
+    Returns:
+      The jitted step; the state and metrics come out replicated.
+    """
+    repl, data = replicated(mesh), batch_sharded(mesh)
+    if per_device:
+        # check_vma=False: the SAM state logs device-averaged scalars, and the
+        # pmean-ed outputs are replicated by construction.
+        step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P()),
+                             out_specs=(P(), P()), check_vma=False)
+    return jax.jit(step, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl))
+
+
+def jit_eval_step(step: Callable, mesh: Mesh) -> Callable:
+    """Jit ``step(params, batch_stats, batch) -> metrics`` (batch sharded)."""
+    repl, data = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(repl, repl, data), out_shardings=repl)

@@ -1,0 +1,223 @@
+"""Pure train and eval steps (jitted by `sam_jax.train.parallel`).
+
+One step of any phase:
+
+1. the *clean* pass: loss, logits and the updated BatchNorm statistics at ``params``
+   (train mode), and its gradient ``g``;
+2. the optimizer chain ``perturbation -> [clip] -> [decayed weights] -> momentum``
+   gets ``g`` and a ``grad_fn`` that evaluates the same minibatch's gradient
+   elsewhere. ``grad_fn`` runs the model in train mode (batch statistics) but
+   **discards** the statistics it computes, so BatchNorm's state comes from the
+   clean pass only (official JAX SAM; updating them twice is davda54/sam #17);
+3. ``params <- params - lr * direction``; ``lr`` is an argument computed on the host
+   from the global step, so one compiled step serves every schedule and phase.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_jax import optim
+
+Params = Any
+
+
+class TrainState(NamedTuple):
+    """What a step reads and writes.
+
+    Attributes:
+      params: the ``params`` collection.
+      batch_stats: the ``batch_stats`` collection (``{}`` for models without BN).
+      opt_state: the optimizer chain's state (see `build_optimizer`).
+    """
+
+    params: Params
+    batch_stats: Any
+    opt_state: Any
+
+
+class OptimizerSpec(NamedTuple):
+    """The hashable description of one phase's optimizer (a compile-cache key).
+
+    Attributes:
+      name: perturbation name (``sgd`` = identity).
+      rho: perturbation radius.
+      kwargs: sorted ``(key, value)`` extras of the perturbation.
+      momentum, nesterov: the momentum buffer (``optax.trace``).
+      weight_decay: decoupled weight decay (0 when the decay is in the loss).
+      clip_norm: global-norm clip of the final gradient (None: off).
+    """
+
+    name: str
+    rho: float
+    kwargs: tuple
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    clip_norm: Optional[float]
+
+
+# Index of the perturbation and of the momentum trace in `build_optimizer`'s chain;
+# `momentum_at_switch='carry'` copies the element at TRACE_INDEX across a switch.
+PERTURBATION_INDEX = 0
+TRACE_INDEX = -1
+
+
+def build_optimizer(spec: OptimizerSpec, axis_name: Optional[str] = None,
+                    sync_perturbation: bool = True) -> optax.GradientTransformationExtraArgs:
+    """``chain(perturbation, [clip], [add_decayed_weights], trace)`` for one phase.
+
+    The chain returns the *direction* (the momentum buffer); the step applies
+    ``-lr * direction``, which is exactly ``optax.sgd(lr, momentum, nesterov)``
+    (``chain(trace, scale_by_learning_rate)``) with lr taken from the global step.
+
+    Clipping comes *after* the perturbation, i.e. it clips the final (perturbed)
+    gradient as the official JAX SAM does (papers.md §1); decoupled weight decay is
+    added before the momentum as PyTorch's SGD does.
+
+    Args:
+      spec: the phase's `OptimizerSpec`.
+      axis_name: ``'data'`` inside ``shard_map`` (per-device ε), else None.
+      sync_perturbation: passed to the perturbation with ``axis_name``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    kwargs = dict(spec.kwargs)
+    if spec.name != "sgd" and axis_name is not None:
+        kwargs.update(axis_name=axis_name, sync_perturbation=sync_perturbation)
+    parts = [optim.make_perturbation(spec.name, spec.rho, **kwargs)]
+    if spec.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(spec.clip_norm))
+    if spec.weight_decay:
+        parts.append(optax.add_decayed_weights(spec.weight_decay))
+    parts.append(optax.trace(decay=spec.momentum, nesterov=spec.nesterov))
+    return optax.chain(*parts)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with optional label smoothing."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def _example_weights(batch) -> jax.Array:
+    if "mask" in batch:
+        return batch["mask"].astype(jnp.float32)
+    return jnp.ones(batch["y"].shape[0], jnp.float32)
+
+
+def l2_penalty(params: Params) -> jax.Array:
+    """``0.5 * ||params||²`` over every parameter (official JAX SAM: BN and biases included)."""
+    return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+
+
+def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: float,
+                    l2_weight_decay: float, axis_name: Optional[str] = None,
+                    sync_perturbation: bool = True,
+                    eigen_hvp_in_eval_mode: bool = True) -> Callable:
+    """The pure train step ``(state, batch, lr, rng) -> (state, metrics)``.
+
+    Args:
+      model: Flax module ``__call__(x, train)``.
+      spec: the phase's optimizer.
+      label_smoothing: of the training loss.
+      l2_weight_decay: coefficient of ``0.5·wd·‖w‖²`` inside the loss (0: off).
+      axis_name: ``'data'`` when the step runs per device inside ``shard_map``:
+        then the loss, BatchNorm statistics, metrics and (for SGD / ρ = 0) the
+        gradient are pmean-ed here, the SAM transform pmeans its own output.
+      sync_perturbation: see `build_optimizer`.
+      eigen_hvp_in_eval_mode: Eigen-SAM's HVP with BN running statistics
+        (released code); otherwise on ``grad_fn`` (train mode).
+
+    Returns:
+      ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
+      (``loss_sum``, ``correct``, ``count``) and the norms ``grad_norm``,
+      ``perturbation_norm``.
+    """
+    tx = build_optimizer(spec, axis_name, sync_perturbation)
+    passes_through = spec.name == "sgd" or spec.rho == 0
+
+    def loss_and_aux(params, batch_stats, batch, rng, train=True):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        if train:
+            logits, new_vars = model.apply(variables, batch["x"], train=True,
+                                           mutable=["batch_stats"], rngs={"dropout": rng})
+            new_stats = new_vars.get("batch_stats", {})
+        else:
+            logits, new_stats = model.apply(variables, batch["x"], train=False), batch_stats
+        weights = _example_weights(batch)
+        losses = cross_entropy(logits, batch["y"], label_smoothing)
+        loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        objective = loss + l2_weight_decay * l2_penalty(params) if l2_weight_decay else loss
+        return objective, (loss, logits, new_stats)
+
+    def step(state: TrainState, batch, lr, rng):
+        if axis_name is not None:  # a different dropout key per device
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
+        (_, (loss, logits, new_stats)), grads = grad_of(state.params, state.batch_stats, batch, rng)
+
+        def grad_fn(params):  # train-mode BN; its updated statistics are discarded
+            return jax.grad(lambda p: loss_and_aux(p, state.batch_stats, batch, rng)[0])(params)
+
+        extra = {}
+        if spec.name == "eigen_sam" and eigen_hvp_in_eval_mode and state.batch_stats:
+            extra["hvp_grad_fn"] = jax.grad(
+                lambda p: loss_and_aux(p, state.batch_stats, batch, rng, train=False)[0])
+        grad_norm = optax.tree.norm(grads)
+        direction, opt_state = tx.update(grads, state.opt_state, state.params,
+                                         grad_fn=grad_fn, **extra)
+        if axis_name is not None and passes_through:
+            # The identity / rho = 0 transform returns the local gradient untouched.
+            direction = jax.lax.pmean(direction, axis_name)
+        params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), state.params, direction)
+
+        weights = _example_weights(batch)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * weights)
+        metrics = {"loss_sum": loss * jnp.sum(weights), "correct": correct,
+                   "count": jnp.sum(weights), "grad_norm": grad_norm}
+        stats = optim.perturbation_stats(opt_state)
+        metrics["perturbation_norm"] = stats.get("perturbation_norm", jnp.zeros((), jnp.float32))
+        for key in ("eigenvalue", "eigen_cosine"):
+            if key in stats:
+                metrics[key] = stats[key]
+        if axis_name is not None:
+            sums = {k: jax.lax.psum(metrics[k], axis_name) for k in ("loss_sum", "correct", "count")}
+            means = jax.lax.pmean({k: v for k, v in metrics.items() if k not in sums}, axis_name)
+            metrics = {**sums, **means}
+            new_stats = jax.lax.pmean(new_stats, axis_name)
+        return TrainState(params, new_stats, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: nn.Module, axis_name: Optional[str] = None) -> Callable:
+    """``(params, batch_stats, batch) -> {loss_sum, correct, count}`` in eval mode.
+
+    The test loss is the plain cross-entropy (no label smoothing, no L2).
+    """
+
+    def step(params, batch_stats, batch):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        logits = model.apply(variables, batch["x"], train=False)
+        weights = _example_weights(batch)
+        losses = cross_entropy(logits, batch["y"])
+        correct = (jnp.argmax(logits, -1) == batch["y"]) * weights
+        metrics = {"loss_sum": jnp.sum(losses * weights), "correct": jnp.sum(correct),
+                   "count": jnp.sum(weights)}
+        if axis_name is not None:
+            metrics = jax.lax.psum(metrics, axis_name)
+        return metrics
+
+    return step
