@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.curvature.hvp import cached_per_function
 from sam_jax.curvature.operator import Batches, _batch_source
 
 PyTree = Any
@@ -105,8 +106,14 @@ def _check_same_structure(a: PyTree, b: PyTree) -> None:
         raise ValueError("the two parameter pytrees differ in structure or shapes")
 
 
-def _combination_evaluator(fns: Sequence[LossFn]) -> Callable:
-    """Jitted ``(base, dirs, coefs, batch) -> [(sum, count) per fn]`` at ``base + Σ c_i dir_i``."""
+@cached_per_function
+def _combination_evaluator(loss_fn: LossFn, metric_fn: LossFn | None) -> Callable:
+    """Jitted ``(base, dirs, coefs, batch) -> [(sum, count) per fn]`` at ``base + Σ c_i dir_i``.
+
+    Cached per (loss, metric), so repeated calls (two solutions, several surfaces)
+    reuse one compiled program.
+    """
+    fns = [loss_fn] if metric_fn is None else [loss_fn, metric_fn]
 
     @jax.jit
     def evaluate(base, directions, coefficients, batch):
@@ -167,8 +174,7 @@ def interpolate(
     if lambdas.ndim != 1 or len(lambdas) == 0:
         raise ValueError("lambdas must be a non-empty 1-D sequence")
     iterate = _batch_source(batches)
-    fns = [loss_fn] if metric_fn is None else [loss_fn, metric_fn]
-    evaluate = _combination_evaluator(fns)
+    evaluate = _combination_evaluator(loss_fn, metric_fn)
     direction = jax.tree.map(jnp.subtract, params_b, params_a)
 
     cache: dict[float, list[float]] = {}
@@ -281,8 +287,7 @@ def loss_surface(
             _check_same_structure(params, direction)
         seed = None
     iterate = _batch_source(batches)
-    fns = [loss_fn] if metric_fn is None else [loss_fn, metric_fn]
-    evaluate = _combination_evaluator(fns)
+    evaluate = _combination_evaluator(loss_fn, metric_fn)
     values = np.array(
         [[_dataset_values(evaluate, params, directions, (a, b), iterate) for b in betas] for a in alphas]
     )

@@ -12,19 +12,22 @@ from sam_jax.models.resnet import BasicBlock, Bottleneck
 # "wrn" entries are shallow members of the ResNet-18/50 and WRN families (same
 # blocks, fewer of them); the full-depth tiny versions are marked slow because
 # eager Flax on 2 shared CPU cores spends ~10 s per deep network.
+_SLOW = pytest.mark.slow
 TINY = [
-    ("mlp", dict(width=8), (3, 6, 6, 1), False),
-    ("cnn6", dict(width=2), (3, 8, 8, 3), False),
-    ("cnn6", dict(width=2, use_bn=True), (3, 8, 8, 3), True),
-    ("cnn1d", dict(width=3), (3, 40, 1), False),
-    ("resnet-basic", dict(stage_sizes=(1, 1), block=BasicBlock, width=2), (3, 8, 8, 3), True),
-    ("resnet-bottleneck", dict(stage_sizes=(1, 1), block=Bottleneck, width=1), (3, 8, 8, 3), True),
-    ("wrn", dict(depth=10, widen_factor=2, width=2), (3, 8, 8, 3), True),
-    ("patch_cnn", dict(width=3), (3, 2, 5), False),
-    pytest.param("resnet18", dict(width=1), (2, 8, 8, 3), True, marks=pytest.mark.slow),
-    pytest.param("resnet50", dict(width=1), (2, 8, 8, 3), True, marks=pytest.mark.slow),
-    pytest.param("wrn16_8", dict(width=1), (2, 8, 8, 3), True, marks=pytest.mark.slow),
-    pytest.param("wrn28_10", dict(width=1), (2, 8, 8, 3), True, marks=pytest.mark.slow),
+    pytest.param("mlp", dict(width=8), (3, 6, 6, 1), False, id="mlp"),
+    pytest.param("cnn6", dict(width=2), (3, 8, 8, 3), False, id="cnn6"),
+    pytest.param("cnn6", dict(width=2, use_bn=True), (3, 8, 8, 3), True, id="cnn6-bn"),
+    pytest.param("cnn1d", dict(width=3), (3, 40, 1), False, id="cnn1d"),
+    pytest.param("resnet-basic", dict(stage_sizes=(1, 1), block=BasicBlock, width=2), (3, 8, 8, 3), True,
+                 id="resnet-basic"),
+    pytest.param("resnet-bottleneck", dict(stage_sizes=(1, 1), block=Bottleneck, width=1), (3, 8, 8, 3), True,
+                 id="resnet-bottleneck"),
+    pytest.param("wrn", dict(depth=10, widen_factor=2, width=2), (3, 8, 8, 3), True, id="wrn10-2"),
+    pytest.param("patch_cnn", dict(width=3), (3, 2, 5), False, id="patch_cnn"),
+    pytest.param("resnet18", dict(width=1), (2, 8, 8, 3), True, marks=_SLOW, id="resnet18"),
+    pytest.param("resnet50", dict(width=1), (2, 8, 8, 3), True, marks=_SLOW, id="resnet50"),
+    pytest.param("wrn16_8", dict(width=1), (2, 8, 8, 3), True, marks=_SLOW, id="wrn16_8"),
+    pytest.param("wrn28_10", dict(width=1), (2, 8, 8, 3), True, marks=_SLOW, id="wrn28_10"),
 ]
 
 
@@ -82,8 +85,8 @@ def test_batchnorm_momentum_matches_pytorch_default():
 
 
 def test_wrn_dropout_uses_dropout_rng_in_train_mode_only():
-    model = get_model("wrn", 5, depth=10, widen_factor=1, width=2, dropout_rate=0.5)
-    variables, x = _init(model, (2, 8, 8, 3))
+    model = get_model("wrn", 5, depth=10, widen_factor=1, width=1, dropout_rate=0.5)
+    variables, x = _init(model, (2, 4, 4, 3))
     run = lambda key: model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
     assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
     np.testing.assert_allclose(model.apply(variables, x, train=False), model.apply(variables, x, train=False))

@@ -200,3 +200,21 @@ def test_bad_options_are_rejected():
         sam_jax.egr(mode="exact")
     with pytest.raises(ValueError, match="eta"):
         sam_jax.asam(eta=-1.0)
+
+
+def test_eigen_sam_refresh_decided_by_caller():
+    """eigen_refresh=True/False (static) replaces the schedule and leaves no cond."""
+    rho, alpha = 0.1, 0.5
+    tx = sam_jax.eigen_sam(rho, alpha, refresh_every=1000, power_iters=50)
+    state = tx.init(PARAMS)
+    g = quad_grad(PARAMS)
+    step = jax.jit(lambda g, s, p, r: tx.update(g, s, p, grad_fn=quad_grad, eigen_refresh=r),
+                   static_argnums=3)
+    assert "cond" not in str(jax.make_jaxpr(
+        lambda g, s, p: tx.update(g, s, p, grad_fn=quad_grad, eigen_refresh=False))(g, state, PARAMS))
+    out, state = step(g, state, PARAMS, False)  # count 0, no estimate: rho * g
+    close(flat(out), np_grad(W0 + rho * np_grad(W0)))
+    out, state = step(g, state, PARAMS, True)  # count 1 (not a multiple of 1000): refresh anyway
+    assert bool(state.has_eigenvector)
+    assert abs(abs(flat(state.eigenvector) @ TOP) - 1.0) < 1e-4
+    close(flat(out), np_grad(W0 + expected_eigen_sam_eps(np_grad(W0), flat(state.eigenvector), rho, alpha)))

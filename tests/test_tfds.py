@@ -35,8 +35,6 @@ def test_missing_tfds_package_error_names_the_extra(monkeypatch):
         tfds_source.load("cifar10", "train", data_dir="/nonexistent")
 
 
-tfds_needed = [pytest.mark.tfds]
-
 
 @pytest.fixture(scope="module")
 def fake_cifar10(tmp_path_factory):

@@ -25,8 +25,9 @@ CASES = [
 
 
 def _tiny(workdir, **kw):
-    return TrainConfig(workdir=str(workdir), phases="sam:1", batch_size=8, steps_per_epoch=2,
-                       eval_batch_size=64, progress=False, lr=0.05, **kw)
+    settings = dict(phases="sam:1", batch_size=8, steps_per_epoch=2, eval_batch_size=64,
+                    progress=False, lr=0.05, num_devices=1)  # 1 device: cheaper compiles
+    return TrainConfig(workdir=str(workdir), **{**settings, **kw})
 
 
 def _check_trained(result, workdir):

@@ -7,6 +7,7 @@
 * BatchNorm statistics come from the clean pass only;
 * weight decay modes, clipping and label smoothing against their formulas.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,11 +42,21 @@ def mlp_problem():
     return model, variables, batch
 
 
+class DenseBN(nn.Module):
+    """The smallest model with BatchNorm (cheap to compile), same convention as sam_jax.models."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Dense(8)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
 @pytest.fixture(scope="module")
 def bn_problem():
-    model = get_model("cnn6", 10, width=2, use_bn=True)
+    model = DenseBN()
     rng = np.random.default_rng(1)
-    batch = {"x": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+    batch = {"x": rng.normal(size=(16, 12)).astype(np.float32),
              "y": rng.integers(0, 10, 16).astype(np.int32)}
     variables = jax.jit(lambda k: model.init(k, batch["x"], train=False))(jax.random.PRNGKey(0))
     return model, variables, batch

@@ -6,7 +6,7 @@ Reverse-over-reverse (PyHessian) costs more memory and time.
 """
 from __future__ import annotations
 
-import weakref
+import functools
 from typing import Any, Callable
 
 import jax
@@ -14,9 +14,24 @@ import jax
 PyTree = Any
 LossFn = Callable[[PyTree, Any], tuple[jax.Array, jax.Array]]
 
-# One jitted HVP per loss function, so that every operator built from the same
-# ``loss_fn`` reuses the same compiled program (keyed weakly: no leak).
-_JITTED_BATCH_HVPS: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
+# Jitted programs are cached per loss function, so every operator built from the
+# same ``loss_fn`` reuses one compiled program. The caches hold strong references
+# (a weak one would be kept alive by the closure anyway), so they are small LRUs.
+CACHE_SIZE = 8
+
+
+def cached_per_function(build: Callable) -> Callable:
+    """``build(fn, ...)`` memoized on its (hashable) arguments, LRU of ``CACHE_SIZE``."""
+    cached = functools.lru_cache(maxsize=CACHE_SIZE)(build)
+
+    @functools.wraps(build)
+    def wrapper(*args):
+        try:
+            return cached(*args)
+        except TypeError:  # an unhashable callable: build without caching
+            return build(*args)
+
+    return wrapper
 
 
 def hvp(scalar_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) -> PyTree:
@@ -33,6 +48,7 @@ def hvp(scalar_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree
     return jax.jvp(jax.grad(scalar_fn), (params,), (vector,))[1]
 
 
+@cached_per_function
 def batch_hvp(loss_fn: LossFn) -> Callable[[PyTree, Any, PyTree], tuple[PyTree, jax.Array]]:
     """Jitted per-batch HVP of a ``loss_fn(params, batch) -> (loss_sum, count)``.
 
@@ -48,10 +64,6 @@ def batch_hvp(loss_fn: LossFn) -> Callable[[PyTree, Any, PyTree], tuple[PyTree, 
     Returns:
       The jitted function.
     """
-    cached = _JITTED_BATCH_HVPS.get(loss_fn)
-    if cached is not None:
-        return cached
-
     # jax.jvp with has_aux returns (primal_out, tangent_out, aux).
     def one_batch_with_count(params, batch, vector):
         def grad_fn(p):
@@ -61,11 +73,10 @@ def batch_hvp(loss_fn: LossFn) -> Callable[[PyTree, Any, PyTree], tuple[PyTree, 
         _, product, count = jax.jvp(grad_fn, (params,), (vector,), has_aux=True)
         return product, count
 
-    jitted = jax.jit(one_batch_with_count)
-    _JITTED_BATCH_HVPS[loss_fn] = jitted
-    return jitted
+    return jax.jit(one_batch_with_count)
 
 
+@cached_per_function
 def batch_loss_and_grad(loss_fn: LossFn) -> Callable[[PyTree, Any], tuple[jax.Array, PyTree, jax.Array]]:
     """Jitted ``(params, batch) -> (loss_sum, grad_of_sum, count)``; used for timing baselines."""
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from sam_jax.curvature.hvp import LossFn, PyTree, batch_hvp
+from sam_jax.curvature.hvp import LossFn, PyTree, batch_hvp, cached_per_function
 
 Batches = Union[list, tuple, Callable[[], Iterable[Any]], dict]
 
@@ -201,8 +201,13 @@ class HessianOperator(LinearOperator):
         )
 
 
+@cached_per_function
 def _flat_batch_hvp(loss_fn: LossFn) -> Callable:
-    """Jitted ``(params, batch, v_flat) -> (H_b v flat, count)`` built on ``batch_hvp``."""
+    """Jitted ``(params, batch, v_flat) -> (H_b v flat, count)`` built on ``batch_hvp``.
+
+    Cached per ``loss_fn`` so that every operator built from the same loss (e.g. at
+    two different solutions) reuses one compiled program.
+    """
     tree_hvp = batch_hvp(loss_fn)
 
     @jax.jit

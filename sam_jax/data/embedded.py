@@ -36,10 +36,13 @@ def _mnist1d_arrays(num_samples: int, seed: int, train_split: float) -> dict:
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
-    return {
+    arrays = {
         "train": (data["x"].astype(np.float32)[..., None], data["y"].astype(np.int32)),
         "test": (data["x_test"].astype(np.float32)[..., None], data["y_test"].astype(np.int32)),
     }
+    for array in (a for pair in arrays.values() for a in pair):
+        array.setflags(write=False)  # cached and shared between Dataset objects
+    return arrays
 
 
 def mnist1d(split: str = "train", *, num_samples: int = 5000, seed: int = 42, train_split: float = 0.8) -> Dataset:

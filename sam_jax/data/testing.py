@@ -4,8 +4,9 @@
 site serves it (``cifar-10-batches-bin/data_batch_{1..5}.bin``, ``test_batch.bin``,
 ``batches.meta.txt``; each record is 1 label byte then 3072 bytes: the red, green
 and blue 32x32 planes, row-major). ``prepare_fake_cifar10`` runs TFDS's own
-``cifar10`` builder on it -- download, extraction, parsing and array_record
-writing are TFDS's -- with only the network fetch replaced by the local archive.
+``cifar10`` builder on it through ``sam_jax.data.tfds.prepare`` (what the
+preparation command runs) -- extraction, parsing and array_record writing are
+TFDS's -- with only the network fetch replaced by the local archive.
 Preparing needs the ``[tfds]`` extra (TensorFlow).
 """
 from __future__ import annotations
@@ -101,16 +102,13 @@ def prepare_fake_cifar10(data_dir, n_train: int = 10, n_test: int = 5, seed: int
     Returns:
       The dict of ``write_fake_cifar10`` (the arrays that were written).
     """
-    import tensorflow_datasets as tfds
+    from sam_jax.data import tfds as tfds_source
 
     data_dir = os.fspath(data_dir)
     archive_dir = os.fspath(archive_dir or os.path.join(data_dir, "fake_download"))
     os.makedirs(archive_dir, exist_ok=True)
     written = write_fake_cifar10(archive_dir, n_train, n_test, seed)
-    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
     with serve_archive_locally(CIFAR10_URL, written["archive"]):
-        builder.download_and_prepare(
-            download_dir=os.path.join(archive_dir, "downloads"),
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-        )
+        # The same call as `python -m sam_jax.data.tfds cifar10 --data-dir DATA_DIR`.
+        tfds_source.prepare("cifar10", data_dir, download_dir=os.path.join(archive_dir, "downloads"))
     return written

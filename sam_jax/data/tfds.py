@@ -95,9 +95,25 @@ def _builder(name: str, data_dir: str | None):
         ) from error
 
 
-def prepare(name: str, data_dir: str | None = None) -> None:
-    """Download and prepare a dataset as array_record files (needs TensorFlow)."""
-    _builder(name, data_dir).download_and_prepare()
+def prepare(name: str, data_dir: str | None = None, *, download_dir: str | None = None) -> None:
+    """Download and prepare a dataset as array_record files (needs TensorFlow).
+
+    Builds from the dataset's original source archives (``try_download_gcs=False``:
+    TFDS's pre-built copies on GCS are TFRecord, which ``tfds.data_source`` cannot read).
+
+    Args:
+      name: cifar10, cifar100, svhn, fashion_mnist or mnist.
+      data_dir: TFDS data directory (default: ``~/tensorflow_datasets``).
+      download_dir: where to keep the downloaded archives (default: TFDS's,
+        ``data_dir/downloads``).
+    """
+    import tensorflow_datasets as tfds
+
+    builder = _builder(name, data_dir)
+    builder.download_and_prepare(
+        download_dir=os.path.expanduser(download_dir) if download_dir else None,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
 
 
 def load(

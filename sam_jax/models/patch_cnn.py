@@ -75,7 +75,8 @@ def signal_learning(params, signal: jnp.ndarray) -> jnp.ndarray:
     """
     filters = params["filters"]
     signs = jnp.array([-1.0, 1.0], filters.dtype)
-    return jnp.max(jnp.einsum("jmd,d->jm", filters, signal), axis=1) * signs
+    # <w_{j,r}, j mu>: the sign enters before the max over r.
+    return jnp.max(jnp.einsum("jmd,d->jm", filters, signal) * signs[:, None], axis=1)
 
 
 def noise_memorization(params, noise: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:

@@ -142,13 +142,22 @@ def eigen_sam(
         epsilon.
       sync_perturbation: as in :func:`sam_jax.sam`.
 
+    Refresh decided by the caller: ``update(..., eigen_refresh=True/False)`` (a
+    Python bool, e.g. a static argument of the jitted train step) replaces the
+    in-graph schedule and removes the ``lax.cond``: the caller compiles a refresh
+    step and a plain step. Use it on CPU with convolutional models, where XLA runs
+    convolutions inside ``cond`` / ``while`` bodies 20-50x slower than at top level
+    (jax-ml/jax#12868, measured in ``benchmarks/step_cost.py``). A traced bool is
+    accepted too (then it goes through the cond).
+
     Under ``optax.inject_hyperparams`` pass
     ``static_args=("refresh_every", "power_iters", "seed")`` unless they should be
     traced (traced values work, at the cost of a ``while_loop``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (state :class:`EigenSAMState`);
-      ``update(grads, state, params, grad_fn=..., hvp_grad_fn=None)``. Cost per step:
+      ``update(grads, state, params, grad_fn=..., hvp_grad_fn=None,
+      eigen_refresh=None)``. Cost per step:
       2 gradients plus ``2 * power_iters / refresh_every`` on average.
 
     References:
@@ -179,12 +188,20 @@ def eigen_sam(
 
     def perturb(g, params, state, grad_fn, extra_args):
         hvp_grad_fn = extra_args.get("hvp_grad_fn") or grad_fn
-        refresh = (state.count % refresh_every == 0) & (state.count > 0)
-        vector, eigenvalue = jax.lax.cond(
-            refresh,
-            lambda: power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name),
-            lambda: (state.eigenvector, state.eigenvalue),
-        )
+        refresh = extra_args.get("eigen_refresh")
+        if refresh is None:  # the released schedule, decided in the graph
+            refresh = (state.count % refresh_every == 0) & (state.count > 0)
+
+        def estimate():
+            return power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name)
+
+        def keep():
+            return state.eigenvector, state.eigenvalue
+
+        if isinstance(refresh, bool):  # decided by the caller in Python: no cond at all
+            vector, eigenvalue = estimate() if refresh else keep()
+        else:
+            vector, eigenvalue = jax.lax.cond(refresh, estimate, keep)
         has_eigenvector = state.has_eigenvector | refresh
 
         g_hat, _ = _core.normalized(g, eps)

@@ -78,6 +78,7 @@ class RunResult:
 # --------------------------------------------------------------------- caches
 _TRAIN_STEPS: dict = {}
 _EVAL_STEPS: dict = {}
+_INITS: dict = {}
 
 
 def _model_key(config: TrainConfig, num_classes: int) -> tuple:
@@ -142,10 +143,12 @@ def _load_data(config: TrainConfig):
     return train, test
 
 
-def _init_variables(model, config: TrainConfig, input_shape) -> tuple[Any, Any]:
-    sample = jnp.zeros((2, *input_shape), jnp.float32)
-    variables = jax.jit(lambda key: model.init(key, sample, train=False))(
-        jax.random.PRNGKey(config.seed))
+def _init_variables(model, config: TrainConfig, input_shape, num_classes: int) -> tuple[Any, Any]:
+    key = (_model_key(config, num_classes), tuple(input_shape))
+    if key not in _INITS:
+        sample = jnp.zeros((2, *input_shape), jnp.float32)
+        _INITS[key] = jax.jit(lambda rng: model.init(rng, sample, train=False))
+    variables = _INITS[key](jax.random.PRNGKey(config.seed))
     return variables["params"], variables.get("batch_stats", {})
 
 
@@ -210,7 +213,7 @@ def run(config: TrainConfig) -> RunResult:
 
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
-    params, batch_stats = _init_variables(model, config, train_ds.input_shape)
+    params, batch_stats = _init_variables(model, config, train_ds.input_shape, num_classes)
     boundaries = config.phase_boundaries()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
                         keep_every=config.keep_every, keep_epochs=boundaries)
@@ -406,7 +409,8 @@ def load_variables(workdir: str, epoch: Optional[int] = None) -> dict:
         record = json.load(f)
     config = TrainConfig.from_dict(record["config"])
     model = get_model(config.model, record["num_classes"], **config.model_kwargs)
-    params, batch_stats = _init_variables(model, config, tuple(record["input_shape"]))
+    params, batch_stats = _init_variables(model, config, tuple(record["input_shape"]),
+                                          record["num_classes"])
     ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True, keep_last=None)
     try:
         epoch = ckpt.latest_epoch() if epoch is None else epoch
