@@ -161,8 +161,8 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         return objective, (loss, logits, new_stats)
 
     def step(state: TrainState, batch, lr, rng):
-        if axis_name is not None:  # a different dropout key per device
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        if axis_name is not None:  # a different dropout key per device (see loop.dropout_key)
+            rng = rng.at[1].add(jax.lax.axis_index(axis_name).astype(rng.dtype))
         grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
         (_, (loss, logits, new_stats)), grads = grad_of(state.params, state.batch_stats, batch, rng)
 
