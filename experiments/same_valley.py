@@ -32,7 +32,7 @@ from experiments import common, late_sam
 
 #: SAM epochs at the end of the SGD→SAM run used for the pair, per scale (the paper's
 #: Fig. 1 pair is t = 175 of T = 200: k = 25, proportion 1/8).
-PAIR_SAM_EPOCHS = {"tiny": 2, "cpu": 6, "paper": 25}
+PAIR_SAM_EPOCHS = {"tiny": 2, "cpu": 12, "paper": 25}
 #: Train examples on which the loss is evaluated (the whole train set at cpu scale).
 LOSS_EXAMPLES = {"tiny": 1000, "cpu": 4000, "paper": 5000}
 

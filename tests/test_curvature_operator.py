@@ -72,6 +72,12 @@ def test_tiny_mlp_float64_eigenvalues_match_dense_hessian():
         result = curvature.lanczos_eigs(
             operator, top_k=5, bottom_k=2, num_steps=operator.dim, accumulate_dtype=jnp.float64
         )
+        # Eigenvectors come back as pytrees shaped like the params and satisfy Hv = λv.
+        vector = result.eigenvectors[0]
+        assert jax.tree.structure(vector) == jax.tree.structure(params)
+        flat = np.asarray(ravel_pytree(vector)[0])
+    assert flat.dtype == np.float64
+    np.testing.assert_allclose(hessian @ flat, result.eigenvalues[0] * flat, atol=1e-12)
     assert exact[0] < 0  # the tiny MLP has negative curvature: bottom pairs matter
     np.testing.assert_allclose(result.eigenvalues, exact[::-1][:5], rtol=1e-8)
     np.testing.assert_allclose(result.bottom_eigenvalues, exact[:2], rtol=1e-8)

@@ -150,3 +150,10 @@ def test_eigen_sam_per_device_runs_in_shard_map_with_replicated_state():
     top = np.linalg.eigh(hessian)[1][:, -1]
     v = as_theta(state.eigenvector)
     assert abs(v @ top) > 0.9  # 6 warm-started iterations from a random start
+
+
+def test_sgd_identity_averages_over_devices():
+    tx = sam_jax.make_perturbation("sgd", 0.0, axis_name="data", sync_perturbation=False)
+    updates, _ = shard_map_step(tx)(PARAMS, tx.init(PARAMS), X, Y)
+    _, grads = expected(True)
+    np.testing.assert_allclose(as_theta(updates), np.mean(grads, axis=0), rtol=1e-5, atol=1e-6)

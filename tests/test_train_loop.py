@@ -88,6 +88,12 @@ def test_phase_boundaries_are_kept(runs):
     assert checkpoint_epochs(runs["reset"].workdir) == [1, 2]
 
 
+def test_keep_policy(tmp_path):
+    # last 1 (epoch 4), every 2nd (2, 4), phase boundaries (3 = the switch, 4 = the end)
+    run(_config(tmp_path, phases="sgd:3,sam:1", keep_last=1, keep_every=2))
+    assert checkpoint_epochs(str(tmp_path)) == [2, 3, 4]
+
+
 def test_finished_run_returns_at_once(runs):
     again = run(runs["reset"].config)
     assert again.resumed_from == 2 and _equal(again.variables, runs["reset"].variables)

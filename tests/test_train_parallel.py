@@ -175,3 +175,16 @@ def test_label_smoothing_cross_entropy_formula():
     target = np.array([0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3])
     assert float(cross_entropy(logits, jnp.array([1]), 0.1)[0]) == pytest.approx(
         -(target * log_p).sum(), rel=1e-6)
+
+
+def test_eigen_sam_step_with_batchnorm_and_eval_mode_hvp_runs(bn_problem):
+    model, variables, batch = bn_problem
+    spec = OptimizerSpec("eigen_sam", RHO, (("power_iters", 3), ("refresh_every", 1)),
+                         0.0, False, 0.0, None)
+    state = _state(variables, spec)
+    # the first step has no estimate yet (refresh at count > 0): take two steps
+    step = jax.jit(make_train_step(model, spec, label_smoothing=0.0, l2_weight_decay=0.0))
+    state, _ = step(state, batch, LR, KEY)
+    state, metrics = step(state, batch, LR, KEY)
+    assert np.isfinite(float(metrics["eigenvalue"])) and float(metrics["eigenvalue"]) != 0.0
+    assert 0.0 <= float(metrics["eigen_cosine"]) <= 1.0 + 1e-6

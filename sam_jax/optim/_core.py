@@ -84,11 +84,6 @@ def tree_add(a: Updates, b: Updates) -> Updates:
     return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
 
 
-def tree_where(pred, on_true: Updates, on_false: Updates) -> Updates:
-    """Select whole pytrees on a scalar predicate (no branch, both are computed)."""
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), on_true, on_false)
-
-
 def safe_inverse_norm(norm: jax.Array, eps) -> jax.Array:
     """``1 / (norm + eps)``, and 0 where ``norm == 0``.
 
@@ -244,7 +239,8 @@ def perturbation_transform(
     Args:
       perturb: ``perturb(ascent_grads, params, state, grad_fn, extra_args) ->
         (epsilon, extra_fields)``; ``extra_fields`` updates the variant's own state
-        fields (e.g. Eigen-SAM's eigenvector).
+        fields (e.g. Eigen-SAM's eigenvector) and may carry ``"perturbation_norm"``
+        in closed form (otherwise ``||epsilon||`` is computed).
       rho: perturbation radius (a number, or a traced scalar under
         ``optax.inject_hyperparams``). ``rho == 0`` returns the incoming gradient.
       axis_name: ``None`` (single device, or global arrays under ``jax.jit``), or the
@@ -290,9 +286,13 @@ def perturbation_transform(
         )
         out = mean_over_devices(out, axis_name)
 
+        # A rule may give ||epsilon|| in closed form (saves a pass over the params).
+        perturbation_norm = extra_fields.pop("perturbation_norm", None)
+        if perturbation_norm is None:
+            perturbation_norm = tree_norm(epsilon)
         stats = {
             "grad_norm": tree_norm(ascent).astype(jnp.float32),
-            "perturbation_norm": tree_norm(epsilon).astype(jnp.float32),
+            "perturbation_norm": jnp.asarray(perturbation_norm).astype(jnp.float32),
         }
         # Per-device quantities differ across devices; average the logged scalars so
         # the optimizer state stays replicated (its out_specs can stay P()).

@@ -76,10 +76,10 @@ def egr(
         raise ValueError(f"fd_step must be > 0, got {fd_step!r}")
 
     def perturb(g, params, state, grad_fn, extra_args):
-        g_hat, _ = _core.normalized(g, eps)
-        if mode == "hvp":
-            return _core.tree_scale(0.0, g_hat), {}
-        return _core.tree_scale(fd_step, g_hat), {}
+        if mode == "hvp":  # no probe point; evaluate() takes the HVP along g_hat
+            return _core.tree_scale(0.0, g), {"perturbation_norm": 0.0}
+        inverse = _core.safe_inverse_norm(norm := _core.tree_norm(g), eps)
+        return _core.tree_scale(fd_step * inverse, g), {"perturbation_norm": fd_step * norm * inverse}
 
     def evaluate(grads, params, epsilon, ascent, grad_fn, axis_name):
         if mode == "hvp":

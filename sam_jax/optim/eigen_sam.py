@@ -204,28 +204,35 @@ def eigen_sam(
             vector, eigenvalue = jax.lax.cond(refresh, estimate, keep)
         has_eigenvector = state.has_eigenvector | refresh
 
-        g_hat, _ = _core.normalized(g, eps)
-        along = _core.tree_vdot(g_hat, vector)
-        side = jnp.sign(_core.tree_vdot(g, vector))
-        eigen_eps = jax.tree.map(
-            lambda gh, v: (rho * (gh + alpha * side * (v - along * gh))).astype(gh.dtype),
-            g_hat,
-            vector,
+        # Everything below needs only three reductions, <g, g>, <g, v>, <v, v>, which
+        # XLA fuses into one pass; norms and the cosine follow in closed form.
+        g_norm = _core.tree_norm(g)
+        inverse = _core.safe_inverse_norm(g_norm, eps)
+        g_dot_v = _core.tree_vdot(g, vector)
+        v_sq = _core.tree_vdot(vector, vector)
+        along = g_dot_v * inverse  # <g_hat, v>
+        weight = alpha * jnp.sign(g_dot_v)  # alpha sign(<g, v>)
+        before_scale = rho if pre_estimate == "unnormalized" else rho * inverse
+        # epsilon = rho (g_hat + weight (v - along g_hat)) = a g + b v, or rho g / rho g_hat
+        a = jnp.where(has_eigenvector, rho * inverse * (1.0 - weight * along), before_scale)
+        b = jnp.where(has_eigenvector, rho * weight, 0.0)
+        epsilon = jax.tree.map(
+            lambda gi, v: (a * gi + b * v.astype(gi.dtype)).astype(gi.dtype), g, vector
         )
-        before = g if pre_estimate == "unnormalized" else g_hat
-        epsilon = _core.tree_where(has_eigenvector, eigen_eps, _core.tree_scale(rho, before))
-
-        eps_norm = _core.tree_norm(epsilon)
-        cosine = jnp.abs(_core.tree_vdot(epsilon, vector)) * _core.safe_inverse_norm(
-            eps_norm * _core.tree_norm(vector), 0.0
+        # ||epsilon||^2 = a^2 <g,g> + 2ab <g,v> + b^2 <v,v>;  <epsilon, v> = a <g,v> + b <v,v>
+        eps_sq = a * a * g_norm * g_norm + 2 * a * b * g_dot_v + b * b * v_sq
+        eps_norm = jnp.sqrt(jnp.maximum(eps_sq, 0.0))
+        cosine = jnp.abs(a * g_dot_v + b * v_sq) * _core.safe_inverse_norm(
+            eps_norm * jnp.sqrt(v_sq), 0.0
         )
         # Before the first estimate v is only the random start: log 0, not noise.
-        cosine = jnp.where(has_eigenvector, cosine, 0.0)
+        cosine = jnp.where(has_eigenvector, jnp.minimum(cosine, 1.0), 0.0)
         return epsilon, {
             "eigenvector": vector,
             "eigenvalue": eigenvalue,
             "eigen_cosine": cosine.astype(jnp.float32),
             "has_eigenvector": has_eigenvector,
+            "perturbation_norm": eps_norm,
         }
 
     return _core.perturbation_transform(

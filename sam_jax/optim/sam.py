@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax.numpy as jnp
 import optax
 
 from sam_jax.optim import _core
@@ -58,8 +59,9 @@ def sam(
     """
 
     def perturb(g, params, state, grad_fn, extra_args):
-        direction, _ = _core.normalized(g, eps)
-        return _core.tree_scale(rho, direction), {}
+        inverse = _core.safe_inverse_norm(norm := _core.tree_norm(g), eps)
+        epsilon = _core.tree_scale(rho * inverse, g)
+        return epsilon, {"perturbation_norm": jnp.abs(rho) * norm * inverse}
 
     return _core.perturbation_transform(
         perturb, rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="sam"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax.numpy as jnp
 import optax
 
 from sam_jax.optim import _core
@@ -39,7 +40,7 @@ def usam(
     """
 
     def perturb(g, params, state, grad_fn, extra_args):
-        return _core.tree_scale(rho, g), {}
+        return _core.tree_scale(rho, g), {"perturbation_norm": jnp.abs(rho) * _core.tree_norm(g)}
 
     return _core.perturbation_transform(
         perturb, rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="usam"
