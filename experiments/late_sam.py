@@ -25,9 +25,12 @@ Command (the README's main job)::
 
     python -m experiments.late_sam --scale cpu --workdir runs/late_sam
 
-Runtime on a 2-core CPU: tiny ~30 s; cpu see docs/experiments.md (target < 10 min);
-paper (CIFAR-10, WRN-16-8, 200 epochs, 5 seeds) is a multi-GPU-day job (see below).
-Result at cpu scale: docs/experiments.md.
+Runtime on a 2-core CPU: tiny ~30 s; cpu 1 min 50 s idle, 6 min under heavy load
+(30 runs); paper (CIFAR-10, WRN-16-8, 200 epochs, 5 seeds): ~1 GPU-day (estimate).
+Result at cpu scale (seeds 0-2): full SAM halves λ_max (0.77 vs 1.46); SAM in the last
+20 % of epochs recovers 56 % of that reduction, SAM in the first 20 % then SGD −12 %;
+test accuracies (SAM − SGD = 0.50 ± 1.05 %) are within noise. Table:
+docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import math
 import sys
 from functools import reduce
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -296,6 +299,13 @@ def claim_verdict(study: StudyConfig, rows: list[dict], per_seed: dict) -> dict:
         if (row["direction"] == "sgd_to_sam" and share is not None and share >= 0.5
                 and acc_ok):
             matching.append(row["sam_proportion"])
+    # Can this scale resolve the accuracy part of the claim at all? The paired
+    # SAM − SGD test-accuracy difference must exceed 2 standard errors.
+    diff = common.mean_std(per_seed[s]["sam"]["test_acc"] - per_seed[s]["sgd"]["test_acc"]
+                           for s in seeds)
+    sem = diff["std"] / np.sqrt(diff["n"]) if diff["n"] > 1 else float("inf")
+    verdict["test_acc_sam_minus_sgd"] = diff
+    verdict["sam_beats_sgd_test_acc_resolvable"] = bool(diff["mean"] > 2 * sem)
     verdict["smallest_matching_sgd_to_sam_proportion"] = min(matching) if matching else None
     verdict["late_sam_matches_full_sam"] = bool(matching) and min(matching) <= FEW_EPOCHS
     early = [p for p in verdict["per_proportion"]
@@ -398,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"recovers {'n/a' if share is None else f'{100 * share:.0f}%'} of SAM's "
               f"sharpness reduction; test acc within ±{100 * claim['test_acc_tolerance']:.2f}%"
               f" of full SAM: {p['test_acc_within_tolerance']}")
+    print(f"SAM − SGD test acc {common.fmt_mean_std(claim['test_acc_sam_minus_sgd'], 2, 100)} %"
+          f" (resolvable above 2 standard errors: "
+          f"{claim['sam_beats_sgd_test_acc_resolvable']})")
     print(f"late SAM matches full SAM: {claim['late_sam_matches_full_sam']} "
           f"(smallest matching proportion {claim['smallest_matching_sgd_to_sam_proportion']}); "
           f"early SAM loses flatness: {claim['early_sam_loses_flatness']}")

@@ -35,8 +35,10 @@ Command::
 
     python -m experiments.two_phase --scale cpu --workdir runs/two_phase
 
-Runtime on a 2-core CPU: tiny ~10 s, cpu ~1 min (mostly the network part).
-Result (cpu scale): see docs/experiments.md.
+Runtime on a 2-core CPU: tiny ~17 s, cpu ~1.3 min (the toy alone ~5 s).
+Result (cpu, seeds 0-2): toy escape rate 0.995 ± 0.008 per step (exact 0.987), 1+u²
+19.13 → 8.67, all 300 trials flatter; MLP: loss rises ×e^3.4 (SAM) and ×e^2.6 (USAM)
+then settles, λ_max 3.70 (SGD) → 2.76 (SAM) / 3.32 (USAM). docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -518,7 +520,12 @@ def network_study(cfg: NetConfig, seeds, workdir, figures: list) -> dict:
 
 
 def claim_verdict(results: dict) -> dict:
-    """Did the two phases appear? Escape (rate > 0) and a flatter end, per part."""
+    """Did the two phases appear? Escape (rate > 0) and a flatter end, per part.
+
+    Toy: the fitted escape rate is positive and every trial ends flatter. Network:
+    the log-loss rise after the switch exceeds twice that of the SGD control, and
+    λ_max at the end is below SGD's at the switch and at the control's end.
+    """
     toy = results["toy"]["per_seed"].values()
     verdict = {
         "toy_escape_rate_positive_all_seeds": all(s["escape_rate_fit"] > 0 for s in toy),
@@ -528,10 +535,15 @@ def claim_verdict(results: dict) -> dict:
         net = results["network"]["per_seed"].values()
         for name in ("sam", "usam"):
             if all(f"{name}_escape_rise" in s for s in net):
+                # Against the control (SGD continued from the same point): the loss
+                # rises more than twice as much, and λ_max ends below both SGD values.
                 verdict[f"network_{name}_loss_rises_all_seeds"] = all(
-                    s[f"{name}_escape_rise"] > 0 for s in net)
+                    s[f"{name}_escape_rise"] > 2 * max(s.get("sgd_escape_rise", 0.0), 0.0)
+                    for s in net)
                 verdict[f"network_{name}_flatter_all_seeds"] = all(
-                    s[f"{name}_lambda_max_end"] < s["lambda_max_sgd"] for s in net)
+                    s[f"{name}_lambda_max_end"]
+                    < min(s["lambda_max_sgd"], s.get("sgd_lambda_max_end", np.inf))
+                    for s in net)
     return verdict
 
 

@@ -157,3 +157,17 @@ def test_sgd_identity_averages_over_devices():
     updates, _ = shard_map_step(tx)(PARAMS, tx.init(PARAMS), X, Y)
     _, grads = expected(True)
     np.testing.assert_allclose(as_theta(updates), np.mean(grads, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_injected_rho_inside_shard_map():
+    """A traced rho (lax.cond on rho == 0) inside shard_map: rho = RHO, then 0."""
+    schedule = optax.piecewise_constant_schedule(RHO, {1: 0.0})
+    tx = optax.inject_hyperparams(sam_jax.sam)(rho=schedule, axis_name="data",
+                                               sync_perturbation=False)
+    step = shard_map_step(tx)
+    state = tx.init(PARAMS)
+    updates, state = step(PARAMS, state, X, Y)
+    want, grads = expected(False)
+    np.testing.assert_allclose(as_theta(updates), want, rtol=1e-5, atol=1e-6)
+    updates, state = step(PARAMS, state, X, Y)  # rho = 0: the averaged plain gradient
+    np.testing.assert_allclose(as_theta(updates), np.mean(grads, axis=0), rtol=1e-5, atol=1e-6)

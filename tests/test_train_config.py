@@ -15,7 +15,8 @@ def test_parse_phases_examples():
     phases = parse_phases("sgd:20, sam:5:0.1 ,eigen_sam:3:rho=0.05:alpha=0.2:refresh_every=10")
     assert phases[1] == Phase("sam", 5, 0.1)
     assert phases[2] == Phase("eigen_sam", 3, 0.05, (("alpha", 0.2), ("refresh_every", 10)))
-    assert parse_phases(phases_str := "usam:2:0.5,asam:1") and phases_str
+    assert parse_phases("usam:2:0.5,asam:1") == (Phase("usam", 2, 0.5), Phase("asam", 1))
+    assert Phase("sam", 5, 0.1, (("eta", 0.01),)).to_str() == "sam:5:0.1:eta=0.01"
 
 
 @pytest.mark.parametrize("spec, fragment", [

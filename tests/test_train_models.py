@@ -1,8 +1,9 @@
 """A few steps end to end on every embedded dataset and every model family.
 
 Each run is one epoch of 2 steps of a SAM phase (the SAM step contains the SGD
-step's work) at tiny width; the deep families take SGD steps and are marked slow. The TFDS path trains
-one step on a fake CIFAR-10 archive prepared by TFDS's own builder.
+step's work) at tiny width; the deep families take SGD steps and are marked slow.
+The TFDS path trains one step on a fake CIFAR-10 archive prepared by TFDS's own
+builder.
 """
 import jax
 import numpy as np

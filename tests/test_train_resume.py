@@ -4,6 +4,7 @@ Runs ``python -m sam_jax.train`` in subprocesses: one uninterrupted, one killed
 with SIGKILL as soon as its first checkpoint is on disk and then rerun with the
 same command (it resumes from the checkpoint by itself).
 """
+import json
 import os
 import signal
 import subprocess
@@ -63,7 +64,6 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     full_out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, full_out
 
-    import json
     record = json.load(open(killed_dir / "config.json"))
     assert record["resumed_from"] >= 1
 
