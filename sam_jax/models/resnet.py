@@ -9,19 +9,12 @@ Convolution kernels use He (fan-out, normal) initialization as torchvision.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-_he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-Conv = partial(nn.Conv, use_bias=False, kernel_init=_he_init)
-
-
-def _batch_norm(train: bool) -> nn.BatchNorm:
-    # momentum 0.9 in Flax is PyTorch's default momentum 0.1.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+from sam_jax.models.layers import Conv, batch_norm as _batch_norm
 
 
 class BasicBlock(nn.Module):
