@@ -19,12 +19,28 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Optional
 
+import logging
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class _DropReadOnlyNotices(logging.Filter):
+    """Drops orbax's warnings that a read-only manager is read-only.
+
+    Branched runs open their source run's checkpoints read-only, so an experiment
+    with many branches would otherwise print these notices dozens of times.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
 
 
 class CheckpointError(ValueError):
@@ -74,6 +90,7 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
         )
