@@ -98,6 +98,16 @@ def power_iteration(
     return jax.lax.fori_loop(0, num_iters, body, init)
 
 
+def is_refresh_step(count, refresh_every):
+    """The refresh schedule: ``count % refresh_every == 0 and count > 0``.
+
+    ``count`` is the state's count before the step. On Python ints it returns a
+    Python bool, which is how a host loop decides ``update(..., eigen_refresh=...)``
+    by the same rule as the in-graph default.
+    """
+    return (count % refresh_every == 0) & (count > 0)
+
+
 def eigen_sam(
     rho=0.05,
     alpha=0.2,
@@ -196,7 +206,7 @@ def eigen_sam(
         hvp_grad_fn = extra_args.get("hvp_grad_fn") or grad_fn
         refresh = extra_args.get("eigen_refresh")
         if refresh is None:  # the released schedule, decided in the graph
-            refresh = (state.count % refresh_every == 0) & (state.count > 0)
+            refresh = is_refresh_step(state.count, refresh_every)
 
         def estimate():
             return power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name)

@@ -54,6 +54,8 @@ _HELP = {
     "lambda_max_iters": "Lanczos steps for lambda_max",
     "eval_every": "evaluate on the test set every N epochs",
     "progress": "tqdm progress bar",
+    "eigen_refresh_on_host": "Eigen-SAM: pick a refresh / plain compiled step on the host "
+                             "(no lax.cond, fast on CPU); --no-... keeps the in-graph cond",
 }
 
 

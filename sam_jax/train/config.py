@@ -169,6 +169,11 @@ class TrainConfig:
         mode i.e. ``batch``, no label smoothing).
       eval_every: evaluate on the test set every N epochs (and the last one).
       progress: show a tqdm progress bar.
+      eigen_refresh_on_host: Eigen-SAM phases compile a refresh step and a plain
+        step and the loop picks one per step from the optimizer's count (the
+        transform's rule), instead of the transform's in-graph ``lax.cond``, which
+        XLA:CPU runs 40-150x slower for convolutions (jax-ml/jax#12868). Same
+        results (to float rounding); False keeps the in-graph ``cond``.
     """
 
     workdir: str = "runs/default"
@@ -207,6 +212,7 @@ class TrainConfig:
     lambda_max_iters: int = 20
     eval_every: int = 1
     progress: bool = True
+    eigen_refresh_on_host: bool = True
 
     # ----------------------------------------------------------------- derived
     @property

@@ -18,6 +18,7 @@ process, so an experiment that launches many branched runs compiles each phase o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -28,13 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.optim.eigen_sam import eigen_sam, is_refresh_step
 from sam_jax.train import parallel
 from sam_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from sam_jax.train.config import Phase, TrainConfig
 from sam_jax.train.logging import MetricsLog, Progress, write_config
 from sam_jax.train.schedules import make_schedule
-from sam_jax.train.step import (TRACE_INDEX, OptimizerSpec, TrainState, build_optimizer,
-                                make_eval_step, make_train_step)
+from sam_jax.train.step import (PERTURBATION_INDEX, TRACE_INDEX, OptimizerSpec, TrainState,
+                                build_optimizer, make_eval_step, make_train_step)
 
 # Fields a resumed run must share with the run that wrote the checkpoint.
 _RESUME_MUST_MATCH = ("dataset", "dataset_kwargs", "model", "model_kwargs", "phases", "rho",
@@ -99,18 +101,27 @@ def optimizer_spec(config: TrainConfig, phase: Phase) -> OptimizerSpec:
         weight_decay=float(decoupled), clip_norm=config.clip_norm)
 
 
-def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_classes: int):
+def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_classes: int,
+                eigen_refresh: Optional[bool] = None):
     per_device = config.per_device_perturbation and spec.name != "sgd"
     l2 = config.weight_decay if config.weight_decay_mode == "loss" else 0.0
     key = (_model_key(config, num_classes), spec, float(config.label_smoothing), float(l2),
-           per_device, _mesh_key(mesh))
+           per_device, _mesh_key(mesh), eigen_refresh)
     if key not in _TRAIN_STEPS:
         step = make_train_step(model, spec, label_smoothing=config.label_smoothing,
                                l2_weight_decay=l2,
                                axis_name=parallel.DATA_AXIS if per_device else None,
-                               sync_perturbation=not per_device)
+                               sync_perturbation=not per_device, eigen_refresh=eigen_refresh)
         _TRAIN_STEPS[key] = parallel.jit_train_step(step, mesh, per_device)
     return _TRAIN_STEPS[key]
+
+
+def _host_refresh_every(config: TrainConfig, spec: OptimizerSpec) -> Optional[int]:
+    """``refresh_every`` of an Eigen-SAM phase whose refreshes the host decides, else None."""
+    if spec.name != "eigen_sam" or not config.eigen_refresh_on_host:
+        return None
+    default = inspect.signature(eigen_sam).parameters["refresh_every"].default
+    return int(dict(spec.kwargs).get("refresh_every", default))
 
 
 def _eval_step(model, config: TrainConfig, mesh, num_classes: int):
@@ -272,7 +283,16 @@ def run(config: TrainConfig) -> RunResult:
                 state = _switch(state, config, spec, carry=opt_phase is not None)
                 opt_phase = phase_idx
             state = jax.device_put(state, repl)
-            step_fn = _train_step(model, config, spec, mesh, num_classes)
+            refresh_every = _host_refresh_every(config, spec)
+            if refresh_every is None:
+                step_fn = _train_step(model, config, spec, mesh, num_classes)
+            else:
+                # Eigen-SAM: a refresh step and a plain step, picked on the host by the
+                # transform's own rule on its count, read from the state at each epoch
+                # start (so a switch, 'carry', a resume and init_from all count right).
+                eigen_steps = {flag: _train_step(model, config, spec, mesh, num_classes, flag)
+                               for flag in (False, True)}
+                count = int(jax.device_get(state.opt_state[PERTURBATION_INDEX].count))
             progress.describe(epoch, phase.name)
             t_epoch = time.time()
             step_metrics, lr = [], 0.0
@@ -282,6 +302,9 @@ def run(config: TrainConfig) -> RunResult:
                 global_step = epoch * steps_per_epoch + i
                 lr = schedule(global_step)
                 rng = dropout_key(config.seed, global_step, shards)
+                if refresh_every is not None:
+                    step_fn = eigen_steps[is_refresh_step(count, refresh_every)]
+                    count += 1
                 state, metrics = step_fn(state, parallel.put_batch(batch, mesh),
                                          np.float32(lr), rng)
                 step_metrics.append(metrics)

@@ -121,7 +121,8 @@ def l2_penalty(params: Params) -> jax.Array:
 def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: float,
                     l2_weight_decay: float, axis_name: Optional[str] = None,
                     sync_perturbation: bool = True,
-                    eigen_hvp_in_eval_mode: bool = True) -> Callable:
+                    eigen_hvp_in_eval_mode: bool = True,
+                    eigen_refresh: Optional[bool] = None) -> Callable:
     """The pure train step ``(state, batch, lr, rng) -> (state, metrics)``.
 
     Args:
@@ -135,12 +136,19 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
       sync_perturbation: see `build_optimizer`.
       eigen_hvp_in_eval_mode: Eigen-SAM's HVP with BN running statistics
         (released code); otherwise on ``grad_fn`` (train mode).
+      eigen_refresh: Eigen-SAM only: ``True`` / ``False`` compiles a step that
+        always / never refreshes the eigenvector (``update(..., eigen_refresh=...)``,
+        no ``lax.cond``; the caller picks one per step by
+        `sam_jax.optim.eigen_sam.is_refresh_step`); None keeps the transform's
+        in-graph schedule.
 
     Returns:
       ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
       (``loss_sum``, ``correct``, ``count``) and the norms ``grad_norm``,
       ``perturbation_norm``.
     """
+    if eigen_refresh is not None and spec.name != "eigen_sam":
+        raise ValueError(f"eigen_refresh is an Eigen-SAM option; the phase is {spec.name!r}")
     tx = build_optimizer(spec, axis_name, sync_perturbation)
     passes_through = spec.name == "sgd" or spec.rho == 0
 
@@ -169,7 +177,7 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         def grad_fn(params):  # train-mode BN; its updated statistics are discarded
             return jax.grad(lambda p: loss_and_aux(p, state.batch_stats, batch, rng)[0])(params)
 
-        extra = {}
+        extra = {} if eigen_refresh is None else {"eigen_refresh": bool(eigen_refresh)}
         if spec.name == "eigen_sam" and eigen_hvp_in_eval_mode and state.batch_stats:
             extra["hvp_grad_fn"] = jax.grad(
                 lambda p: loss_and_aux(p, state.batch_stats, batch, rng, train=False)[0])
