@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax.numpy as jnp
 import optax
 
 from sam_jax.optim import _core
+from sam_jax.optim.sam import normalized_ascent_rule
 
 ReverseSAMState = _core.PerturbationState
 
@@ -38,12 +38,7 @@ def reverse_sam(
       Minimization", NeurIPS 2024.
     """
 
-    def perturb(g, params, state, grad_fn, extra_args):
-        inverse = _core.safe_inverse_norm(norm := _core.tree_norm(g), eps)
-        epsilon = _core.tree_scale(-rho * inverse, g)
-        return epsilon, {"perturbation_norm": jnp.abs(rho) * norm * inverse}
-
     return _core.perturbation_transform(
-        perturb, rho, axis_name=axis_name, sync_perturbation=sync_perturbation,
+        normalized_ascent_rule(rho, eps, direction=-1.0), rho, axis_name=axis_name, sync_perturbation=sync_perturbation,
         name="reverse_sam",
     )

@@ -12,6 +12,17 @@ from sam_jax.optim import _core
 SAMState = _core.PerturbationState
 
 
+def normalized_ascent_rule(rho, eps, direction: float = 1.0):
+    """The rule ``epsilon = direction * rho * g / (||g|| + eps)`` (SAM; Reverse-SAM: -1)."""
+
+    def perturb(g, params, state, grad_fn, extra_args):
+        inverse = _core.safe_inverse_norm(norm := _core.tree_norm(g), eps)
+        epsilon = _core.tree_scale(direction * rho * inverse, g)
+        return epsilon, {"perturbation_norm": jnp.abs(rho) * norm * inverse}
+
+    return perturb
+
+
 def sam(
     rho=0.05,
     *,
@@ -58,11 +69,6 @@ def sam(
       Efficiently Improving Generalization", ICLR 2021.
     """
 
-    def perturb(g, params, state, grad_fn, extra_args):
-        inverse = _core.safe_inverse_norm(norm := _core.tree_norm(g), eps)
-        epsilon = _core.tree_scale(rho * inverse, g)
-        return epsilon, {"perturbation_norm": jnp.abs(rho) * norm * inverse}
-
     return _core.perturbation_transform(
-        perturb, rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="sam"
+        normalized_ascent_rule(rho, eps), rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="sam"
     )
