@@ -393,13 +393,13 @@ def _train_record(step_metrics: list[dict]) -> dict:
 
 
 def _evaluate(eval_fn, state: TrainState, dataset, batch_size: int, mesh) -> dict:
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in dataset.batches(batch_size, shuffle=False, drop_remainder=False,
-                                 pad_remainder=True):
-        metrics = jax.device_get(eval_fn(state.params, state.batch_stats,
-                                         parallel.put_batch(batch, mesh)))
-        for key in totals:
-            totals[key] += float(metrics[key])
+    # Dispatch every batch first and fetch once: no host round trip per batch.
+    per_batch = [eval_fn(state.params, state.batch_stats, parallel.put_batch(batch, mesh))
+                 for batch in dataset.batches(batch_size, shuffle=False, drop_remainder=False,
+                                              pad_remainder=True)]
+    per_batch = jax.device_get(per_batch)
+    totals = {key: sum(float(m[key]) for m in per_batch)
+              for key in ("loss_sum", "correct", "count")}
     return {"test_loss": totals["loss_sum"] / totals["count"],
             "test_acc": totals["correct"] / totals["count"]}
 
