@@ -266,3 +266,30 @@ def test_late_adversarial_tiny_cli(tmp_path):
         assert 0 <= row["robust_acc"]["mean"] <= row["clean_acc"]["mean"] + 1e-9
     assert rows["full_at"]["grad_evals_rel_standard"]["mean"] == pytest.approx(
         1 + late_adversarial.SCALE_PRESETS["tiny"].num_steps)
+
+
+# ----------------------------------------------------- shared statistics and progress
+
+def test_paired_difference_matches_a_hand_computed_t_interval():
+    a, b = [1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 2.0, 3.0]
+    diff = common.paired_difference(a, b)
+    # differences 1, 0, 1, 1: mean 0.75, sd 0.5, t_{0.975, 3} = 3.182446
+    assert diff["mean"] == pytest.approx(0.75)
+    assert diff["std"] == pytest.approx(0.5)
+    assert diff["ci_high"] - diff["mean"] == pytest.approx(3.182446 * 0.5 / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="equal"):
+        common.paired_difference([1.0], [1.0, 2.0])
+
+
+def test_run_progress_reports_count_eta_and_reuse():
+    import io
+
+    stream = io.StringIO()
+    progress = common.RunProgress(3, "demo", stream=stream)
+    progress.finished("first")
+    progress.finished("second", reused=True)
+    progress.finished("third")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("demo [1/3] first") and "ETA" in lines[0]
+    assert "reused a finished run" in lines[1]
+    assert lines[2].startswith("demo [3/3] third") and "ETA" not in lines[2]
