@@ -148,6 +148,31 @@ class Dataset:
             per_example={key: value[index] for key, value in self.per_example.items()},
         )
 
+    def split_validation(self, fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """Carve a validation split out of this one: ``(rest, validation)``.
+
+        ``round(fraction * N)`` examples chosen uniformly at random by ``seed``
+        (:func:`validation_indices`) form the validation part; the remaining ones
+        the training part. Both keep the stored order, every ``per_example`` array
+        (so noisy labels stay noisy, with their ``clean_y``) and the normalization;
+        the validation part gets split name ``"validation"`` and no augmentation.
+        Deterministic, disjoint, and together exactly this dataset.
+
+        Args:
+          fraction: share of the examples held out, in (0, 1).
+          seed: seed of the held-out choice (independent of the run seed).
+
+        Returns:
+          ``(train_part, validation_part)``.
+        """
+        train_index, validation_index = validation_indices(self.num_examples, fraction, seed)
+        info = {**self.info, "validation_fraction": float(fraction), "validation_seed": int(seed),
+                "source_num_examples": self.num_examples}
+        train = dataclasses.replace(self.take(train_index), info=info)
+        validation = dataclasses.replace(self.take(validation_index), split="validation",
+                                         augmentation=aug.Augmentation(), info=info)
+        return train, validation
+
     def with_label_noise(self, fraction: float, seed: int = 0) -> "Dataset":
         """Symmetric label noise on exactly round(fraction * N) examples.
 
@@ -182,6 +207,28 @@ class Dataset:
         if augmentation is not None:
             x = augmentation.erase(x, rng)
         return x
+
+
+def validation_indices(num_examples: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The (sorted) kept and held-out indices of a validation carve.
+
+    ``round(fraction * num_examples)`` indices drawn without replacement by
+    ``np.random.default_rng([seed, 0x5A1])`` are held out; the rest are kept.
+
+    Raises:
+      ValueError: ``fraction`` outside (0, 1), or a part that would be empty.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    held_out = int(round(fraction * num_examples))
+    if not 0 < held_out < num_examples:
+        raise ValueError(f"validation_fraction {fraction} of {num_examples} examples leaves "
+                         f"{held_out} for validation and {num_examples - held_out} for training; "
+                         "both must be > 0")
+    chosen = np.random.default_rng([int(seed), 0x5A1]).choice(num_examples, held_out, replace=False)
+    mask = np.zeros(num_examples, bool)
+    mask[chosen] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def _check_batch_size(batch_size: int) -> None:
