@@ -14,7 +14,7 @@ from sam_jax.train import TrainConfig, loop, run
 # sgd for 1 epoch, then Eigen-SAM for 4 epochs of 2 steps: counts 0..7, refreshes at 3 and 6.
 BASE = dict(dataset="mnist1d", model="cnn1d", model_kwargs={"width": 4}, batch_size=32,
             steps_per_epoch=2, eval_batch_size=500, progress=False, lr=0.05,
-            phases="sgd:1,eigen_sam:4:0.05:refresh_every=3:power_iters=2",
+            phases="sgd:1,eigen_sam:4:0.05:refresh_every=3:power_iters=2:refresh_counter=global",
             momentum_at_switch="carry")
 
 

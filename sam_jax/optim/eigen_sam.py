@@ -98,22 +98,104 @@ def power_iteration(
     return jax.lax.fori_loop(0, num_iters, body, init)
 
 
-def is_refresh_step(count, refresh_every):
-    """The refresh schedule: ``count % refresh_every == 0 and count > 0``.
+REFRESH_COUNTERS = ("epoch", "global")
+
+# Released defaults (RitianLuo/EigenSAM): `freq` = 100 steps between refreshes,
+# `steps` = 5 power iterations per refresh.
+DEFAULT_REFRESH_EVERY = 100
+DEFAULT_POWER_ITERS = 5
+
+# What this transform asks of a training engine: options the engine fills in from
+# what it knows when the user gave none (see `sam_jax.optim.engine_kwargs`).
+ENGINE_OPTIONS = ("steps_per_epoch",)
+
+
+def resolve_refresh_counter(refresh_counter=None, steps_per_epoch=None) -> str:
+    """The step counter the refresh rule uses: ``"epoch"`` or ``"global"``.
+
+    ``None`` (default) means ``"epoch"`` (the released code) when ``steps_per_epoch``
+    is given and ``"global"`` otherwise. ``"epoch"`` requires ``steps_per_epoch``.
+    """
+    if refresh_counter is None:
+        return "global" if steps_per_epoch is None else "epoch"
+    if refresh_counter not in REFRESH_COUNTERS:
+        raise ValueError(
+            f"refresh_counter must be one of {REFRESH_COUNTERS}, got {refresh_counter!r}")
+    if refresh_counter == "epoch" and steps_per_epoch is None:
+        raise ValueError("refresh_counter='epoch' needs steps_per_epoch (optimizer steps "
+                         "per epoch); the training engine passes it")
+    return refresh_counter
+
+
+def is_refresh_step(count, refresh_every, steps_per_epoch=None, refresh_counter=None):
+    """Whether the step whose state count is ``count`` refreshes the eigenvector.
+
+    ``refresh_every`` is the **interval between refreshes** in optimizer steps (the
+    released code's ``freq``, the reviewers' k), not the number of power iterations.
+
+    * ``"global"`` counter: ``count % refresh_every == 0 and count > 0``.
+    * ``"epoch"`` counter (released code, whose step index restarts every epoch):
+      with ``i = count % steps_per_epoch`` (the index within the epoch),
+      ``i % refresh_every == 0 and i > 0``: ``floor((steps_per_epoch - 1) /
+      refresh_every)`` refreshes per epoch, never at an epoch's first step. E.g.
+      ``steps_per_epoch=5, refresh_every=2``: counts 2, 4, 7, 9, 12, 14, ...;
+      ``steps_per_epoch=195, refresh_every=100`` (CIFAR, batch 256): count 100 of
+      each epoch only. ``count`` must start at an epoch boundary (it does in
+      ``sam_jax.train``: phases are whole epochs).
 
     ``count`` is the state's count before the step. On Python ints it returns a
     Python bool, which is how a host loop decides ``update(..., eigen_refresh=...)``
-    by the same rule as the in-graph default.
+    by the same rule as the in-graph default; on arrays, a boolean array.
+    ``refresh_counter`` resolves as in :func:`resolve_refresh_counter`.
     """
+    if resolve_refresh_counter(refresh_counter, steps_per_epoch) == "epoch":
+        count = count % steps_per_epoch
     return (count % refresh_every == 0) & (count > 0)
+
+
+def refresh_picker(refresh_every=DEFAULT_REFRESH_EVERY, steps_per_epoch=None, refresh_counter=None, **_):
+    """``count -> bool``: the refresh rule of an :func:`eigen_sam` built with these
+    options (the others are ignored), for a host loop that compiles a refresh step
+    and a plain step. Defaults are :func:`eigen_sam`'s."""
+    refresh_every = int(refresh_every)
+    steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+    resolve_refresh_counter(refresh_counter, steps_per_epoch)  # validate now
+
+    def pick(count: int) -> bool:
+        return bool(is_refresh_step(int(count), refresh_every, steps_per_epoch, refresh_counter))
+
+    return pick
+
+
+def refreshes_per_epoch(refresh_every, steps_per_epoch) -> int:
+    """Refreshes in one epoch under the ``"epoch"`` counter:
+    ``floor((steps_per_epoch - 1) / refresh_every)``."""
+    return (int(steps_per_epoch) - 1) // int(refresh_every)
+
+
+def gradient_evals_per_step(refresh_every=DEFAULT_REFRESH_EVERY, power_iters=DEFAULT_POWER_ITERS,
+                            steps_per_epoch=None,
+                            refresh_counter=None, **_) -> float:
+    """Gradient evaluations per step of :func:`eigen_sam`, averaged over steps (an HVP
+    counts as 2): ``2 + 2 * power_iters * r`` with ``r`` the refreshes per step,
+    ``1 / refresh_every`` under the ``"global"`` counter and
+    ``floor((steps_per_epoch - 1) / refresh_every) / steps_per_epoch`` under the
+    ``"epoch"`` counter (exact over whole epochs)."""
+    if resolve_refresh_counter(refresh_counter, steps_per_epoch) == "epoch":
+        rate = refreshes_per_epoch(refresh_every, steps_per_epoch) / int(steps_per_epoch)
+    else:
+        rate = 1.0 / refresh_every
+    return 2.0 + 2.0 * power_iters * rate
 
 
 def eigen_sam(
     rho=0.05,
     alpha=0.2,
-    refresh_every=100,
-    power_iters=5,
+    refresh_every=DEFAULT_REFRESH_EVERY,
+    power_iters=DEFAULT_POWER_ITERS,
     *,
+    steps_per_epoch: Optional[int] = None,
+    refresh_counter: Optional[str] = None,
     pre_estimate: str = "unnormalized",
     seed=0,
     eps: float = 1e-12,
@@ -126,15 +208,28 @@ def eigen_sam(
     ``g_hat = g / (||g|| + eps)``, **not renormalized** (so ``||epsilon|| = rho
     sqrt(1 + alpha^2 ||v_perp||^2)``), as in the released code. ``v`` is the state's
     estimate of the top Hessian eigenvector of the *current minibatch* loss,
-    refreshed when ``count % refresh_every == 0 and count > 0`` by ``power_iters``
-    warm-started power iterations on forward-over-reverse HVPs of ``grad_fn`` (or of
-    ``hvp_grad_fn``, see below); the refresh sits in a ``lax.cond``, so other steps
-    compute no HVP. The first start vector is standard normal (from ``seed``),
-    normalized.
+    refreshed every ``refresh_every`` optimizer steps (see the step counter below) by
+    ``power_iters`` warm-started power iterations on forward-over-reverse HVPs of
+    ``grad_fn`` (or of ``hvp_grad_fn``, see below); the refresh sits in a
+    ``lax.cond``, so other steps compute no HVP. The first start vector is standard
+    normal (from ``seed``), normalized.
 
-    Step counter: the released code's counter restarts every epoch (so it refreshes
-    at steps p, 2p, ... of each epoch and never at an epoch's first step); here
-    ``count`` counts optimizer steps over the whole run and is never reset.
+    Two integers, not to be confused: ``refresh_every`` is the *interval between
+    refreshes* (the released code's ``freq``, the reviewers' k) and ``power_iters``
+    the *power iterations per refresh* (the code's ``steps``, the reviewers' p).
+
+    Step counter (:func:`is_refresh_step`): the released code tests
+    ``step % freq == 0 and step > 0`` with ``step`` the index *within the epoch*
+    (it restarts every epoch), so it refreshes at steps k, 2k, ... of each epoch,
+    never at an epoch's first step, and ``v`` carries over across epochs (CIFAR,
+    batch 256, 195 steps per epoch, k = 100: once per epoch, at step 100).
+    ``refresh_counter="epoch"`` does this with ``i = count % steps_per_epoch``;
+    ``refresh_counter="global"`` tests ``count % refresh_every == 0 and count > 0``
+    on the never-reset ``count`` (about twice as many refreshes in the CIFAR
+    example). The default ``None`` is ``"epoch"`` when ``steps_per_epoch`` is given
+    and ``"global"`` otherwise; ``sam_jax.train`` passes its ``steps_per_epoch``
+    (this transform declares it in :data:`ENGINE_OPTIONS`), so the engine follows
+    the released code unless a phase says ``refresh_counter=global``.
 
     BatchNorm: the released code takes the HVP with the model in eval mode (running
     statistics). Pass ``hvp_grad_fn=`` (a ``params -> grads`` function of the same
@@ -145,8 +240,14 @@ def eigen_sam(
       rho: perturbation radius; 0.05 is the released default (README example 0.1).
       alpha: weight of the eigenvector component; 0.2 released default (the paper
         tunes it in {0.05, 0.1, 0.2}).
-      refresh_every: ``p``, optimizer steps between eigenvector refreshes (100).
-      power_iters: power iterations per refresh (5, released code).
+      refresh_every: interval between eigenvector refreshes, in optimizer steps
+        (released ``freq`` = 100; the reviewers' k).
+      power_iters: power iterations (HVPs) per refresh (released ``steps`` = 5;
+        the reviewers' p).
+      steps_per_epoch: optimizer steps per epoch, for the ``"epoch"`` counter.
+      refresh_counter: ``"epoch"`` (released code: the counter restarts every
+        epoch; needs ``steps_per_epoch``), ``"global"`` (never reset), or None:
+        ``"epoch"`` if ``steps_per_epoch`` is given, else ``"global"``.
       pre_estimate: perturbation before the first eigenvector estimate exists:
         ``"unnormalized"`` (``rho * g``, as the released code) or ``"sam"``
         (``rho * g_hat``).
@@ -167,14 +268,15 @@ def eigen_sam(
     accepted too (then it goes through the cond).
 
     Under ``optax.inject_hyperparams`` pass
-    ``static_args=("refresh_every", "power_iters", "seed")`` unless they should be
-    traced (traced values work, at the cost of a ``while_loop``).
+    ``static_args=("refresh_every", "power_iters", "steps_per_epoch", "refresh_counter",
+    "seed")`` unless they should be traced (traced values work, at the cost of a
+    ``while_loop``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (state :class:`EigenSAMState`);
       ``update(grads, state, params, grad_fn=..., hvp_grad_fn=None,
-      eigen_refresh=None)``. Cost per step:
-      2 gradients plus ``2 * power_iters / refresh_every`` on average.
+      eigen_refresh=None)``. Cost per step: 2 gradients plus ``2 * power_iters``
+      per refresh (:func:`gradient_evals_per_step`).
 
     References:
       Luo, Truong, Pham, Harandi, Phung, Le, "Explicit Eigenvalue Regularization
@@ -183,7 +285,11 @@ def eigen_sam(
     if pre_estimate not in PRE_ESTIMATE_MODES:
         raise ValueError(f"pre_estimate must be one of {PRE_ESTIMATE_MODES}, got {pre_estimate!r}")
     _core.check_rho(alpha, "alpha")
-    for arg_name, value in (("refresh_every", refresh_every), ("power_iters", power_iters)):
+    refresh_counter = resolve_refresh_counter(refresh_counter, steps_per_epoch)
+    for arg_name, value in (("refresh_every", refresh_every), ("power_iters", power_iters),
+                            ("steps_per_epoch", steps_per_epoch)):
+        if value is None:
+            continue
         concrete = _core.static_value(value)
         if concrete is not None and (concrete < 1 or concrete != int(concrete)):
             raise ValueError(f"{arg_name} must be an integer >= 1, got {value!r}")
@@ -206,7 +312,8 @@ def eigen_sam(
         hvp_grad_fn = extra_args.get("hvp_grad_fn") or grad_fn
         refresh = extra_args.get("eigen_refresh")
         if refresh is None:  # the released schedule, decided in the graph
-            refresh = is_refresh_step(state.count, refresh_every)
+            refresh = is_refresh_step(state.count, refresh_every, steps_per_epoch,
+                                      refresh_counter)
 
         def estimate():
             return power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name)
@@ -260,3 +367,11 @@ def eigen_sam(
         init_extra=init_extra,
         name="eigen_sam",
     )
+
+
+# Declarations read by `sam_jax.optim.registry` (so the training engine names no
+# algorithm): the options the engine fills in, the cost, and the host-side picker of
+# the compiled step kind (refresh or plain) for a given count.
+eigen_sam.engine_options = ENGINE_OPTIONS
+eigen_sam.gradient_evals_per_step = gradient_evals_per_step
+eigen_sam.step_picker = refresh_picker

@@ -80,13 +80,18 @@ def gradient_evals_per_step(name: str, **kwargs) -> float:
     """Gradient evaluations one step of ``name`` costs, averaged over steps.
 
     An HVP counts as 2. ``sgd``: 1; ``sam``, ``usam``, ``asam``, ``reverse_sam``: 2;
-    ``egr``: 2 (finite difference) or 3 (``mode="hvp"``); ``eigen_sam``:
-    ``2 + 2 * power_iters / refresh_every`` (defaults 5 and 100: 2.1).
+    ``egr``: 2 (finite difference) or 3 (``mode="hvp"``); a factory that declares
+    ``gradient_evals_per_step`` (an attribute) gives its own, e.g. ``eigen_sam``:
+    ``2 + 2 * power_iters / refresh_every`` on the global counter (defaults 5 and
+    100: 2.1), ``2 + 2 * power_iters * floor((steps_per_epoch - 1) / refresh_every)
+    / steps_per_epoch`` on the per-epoch counter (the default when
+    ``steps_per_epoch`` is given).
 
     Args:
       name: as in :func:`make_perturbation`.
       **kwargs: the options that change the cost (``mode``, ``power_iters``,
-        ``refresh_every``); others are ignored.
+        ``refresh_every``, ``steps_per_epoch``, ``refresh_counter``); others are
+        ignored.
     """
     if name not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
@@ -94,11 +99,40 @@ def gradient_evals_per_step(name: str, **kwargs) -> float:
         return 1.0
     if name == "egr":
         return 3.0 if kwargs.get("mode", "finite_difference") == "hvp" else 2.0
-    if name == "eigen_sam":
-        power_iters = kwargs.get("power_iters", 5)
-        refresh_every = kwargs.get("refresh_every", 100)
-        return 2.0 + 2.0 * power_iters / refresh_every
+    declared = getattr(PERTURBATIONS[name], "gradient_evals_per_step", None)
+    if declared is not None:
+        return float(declared(**kwargs))
     return 2.0
+
+
+def engine_kwargs(name: str, kwargs: dict, **context) -> dict:
+    """``kwargs`` plus what the engine knows and the transform asks for.
+
+    A factory may declare ``engine_options`` (an attribute: a tuple of option names,
+    e.g. Eigen-SAM's ``("steps_per_epoch",)``); each declared option that ``kwargs``
+    does not set is taken from ``context`` (e.g. ``steps_per_epoch=195``) when
+    there. Options the user set always win.
+    """
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
+    wanted = getattr(PERTURBATIONS[name], "engine_options", ())
+    extra = {k: context[k] for k in wanted
+             if k not in kwargs and context.get(k) is not None}
+    return {**kwargs, **extra}
+
+
+def step_picker(name: str, **kwargs) -> Callable[[int], bool] | None:
+    """A host-side ``count -> bool`` choosing between two compiled step kinds.
+
+    For transforms whose steps differ in cost (Eigen-SAM: a refresh step and a plain
+    one) and that declare ``step_picker`` (an attribute building it from the
+    transform's options); None for all others. ``count`` is the transform's state
+    count before the step; the answer is what the in-graph schedule would do.
+    """
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
+    build = getattr(PERTURBATIONS[name], "step_picker", None)
+    return None if build is None else build(**kwargs)
 
 
 def perturbation_stats(opt_state) -> dict[str, jax.Array]:

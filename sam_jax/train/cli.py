@@ -23,7 +23,11 @@ _HELP = {
     "dataset_kwargs": "JSON dict passed to get_dataset, e.g. '{\"num_samples\": 10000}'",
     "model": "mlp | cnn6 | cnn1d | resnet18 | resnet50 | wrn16_8 | wrn28_10 | wrn | patch_cnn",
     "model_kwargs": "JSON dict passed to get_model, e.g. '{\"width\": 8}'",
-    "phases": "name:epochs[:rho][:key=value...] list, e.g. sgd:150,sam:10 (global epochs)",
+    "phases": "name:epochs[:rho][:key=value...] list, e.g. sgd:150,sam:10 (global epochs); "
+              "Eigen-SAM options: alpha, refresh_every (interval between eigenvector "
+              "refreshes, code 'freq'), power_iters (power iterations per refresh, code "
+              "'steps'), refresh_counter=epoch (default: the step index restarts every "
+              "epoch, as released) | global",
     "rho": "default perturbation radius of phases without one (SAM paper 0.05)",
     "perturbation_kwargs": "JSON dict of options for every non-SGD perturbation",
     "batch_size": "global batch size (late-phase SAM code: 128)",
@@ -55,7 +59,8 @@ _HELP = {
     "eval_every": "evaluate on the test set every N epochs",
     "progress": "tqdm progress bar",
     "eigen_refresh_on_host": "Eigen-SAM: pick a refresh / plain compiled step on the host "
-                             "(no lax.cond, fast on CPU); --no-... keeps the in-graph cond",
+                             "by the transform's own rule (no lax.cond, fast on CPU); "
+                             "--no-... keeps the in-graph cond",
 }
 
 

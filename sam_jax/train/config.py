@@ -33,7 +33,8 @@ class Phase:
       epochs: number of epochs in the phase (> 0).
       rho: perturbation radius for this phase; ``None`` uses `TrainConfig.rho`.
       kwargs: extra keyword arguments of the perturbation (e.g. ``alpha`` of
-        Eigen-SAM, ``eta`` of ASAM).
+        Eigen-SAM, ``eta`` of ASAM, ``refresh_counter=global`` to give Eigen-SAM
+        the never-reset counter instead of the engine's per-epoch default).
     """
 
     name: str
@@ -174,6 +175,17 @@ class TrainConfig:
         transform's rule), instead of the transform's in-graph ``lax.cond``, which
         XLA:CPU runs 40-150x slower for convolutions (jax-ml/jax#12868). Same
         results (to float rounding); False keeps the in-graph ``cond``.
+
+    Eigen-SAM's refresh schedule: the engine passes the run's steps per epoch to
+    the transform (it asks for them), so by default the eigenvector is refreshed at
+    steps ``refresh_every, 2·refresh_every, ...`` *within each epoch* (the released
+    code's counter restarts every epoch; ``floor((steps_per_epoch - 1) /
+    refresh_every)`` refreshes per epoch). A phase item ``refresh_counter=global``
+    counts optimizer steps over the phase instead, e.g.
+    ``eigen_sam:10:0.05:refresh_every=100:refresh_counter=global``.
+    ``refresh_every`` is the interval between refreshes (code ``freq``, reviewers'
+    k); ``power_iters`` the power iterations per refresh (code ``steps``,
+    reviewers' p).
     """
 
     workdir: str = "runs/default"

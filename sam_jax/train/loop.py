@@ -18,7 +18,6 @@ process, so an experiment that launches many branched runs compiles each phase o
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.optim.eigen_sam import eigen_sam, is_refresh_step
+from sam_jax.optim import registry as optim_registry
 from sam_jax.train import parallel
 from sam_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from sam_jax.train.config import Phase, TrainConfig
@@ -91,12 +90,22 @@ def _mesh_key(mesh) -> tuple:
     return tuple(d.id for d in mesh.devices.flat)
 
 
-def optimizer_spec(config: TrainConfig, phase: Phase) -> OptimizerSpec:
-    """The `OptimizerSpec` of ``phase`` under ``config``."""
+def optimizer_spec(config: TrainConfig, phase: Phase,
+                   steps_per_epoch: Optional[int] = None) -> OptimizerSpec:
+    """The `OptimizerSpec` of ``phase`` under ``config``.
+
+    ``steps_per_epoch`` (the run's optimizer steps per epoch) is handed to the
+    perturbation when it declares it wants it and the phase does not set it (the
+    transform's ``engine_options``, e.g. Eigen-SAM's per-epoch refresh counter).
+    """
     decoupled = config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0
+    kwargs = {}
+    if phase.name != "sgd":
+        kwargs = optim_registry.engine_kwargs(phase.name, config.phase_kwargs(phase),
+                                              steps_per_epoch=steps_per_epoch)
     return OptimizerSpec(
         name=phase.name, rho=float(config.phase_rho(phase)),
-        kwargs=tuple(sorted(config.phase_kwargs(phase).items())) if phase.name != "sgd" else (),
+        kwargs=tuple(sorted(kwargs.items())),
         momentum=float(config.momentum), nesterov=bool(config.nesterov),
         weight_decay=float(decoupled), clip_norm=config.clip_norm)
 
@@ -116,12 +125,13 @@ def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_class
     return _TRAIN_STEPS[key]
 
 
-def _host_refresh_every(config: TrainConfig, spec: OptimizerSpec) -> Optional[int]:
-    """``refresh_every`` of an Eigen-SAM phase whose refreshes the host decides, else None."""
-    if spec.name != "eigen_sam" or not config.eigen_refresh_on_host:
+def _host_step_picker(config: TrainConfig, spec: OptimizerSpec):
+    """``count -> bool`` for a phase whose transform has two compiled step kinds
+    (declared ``step_picker``) when the host decides (``eigen_refresh_on_host``), else
+    None. The picker applies the transform's own in-graph rule."""
+    if not config.eigen_refresh_on_host or spec.name == "sgd":
         return None
-    default = inspect.signature(eigen_sam).parameters["refresh_every"].default
-    return int(dict(spec.kwargs).get("refresh_every", default))
+    return optim_registry.step_picker(spec.name, **dict(spec.kwargs))
 
 
 def _eval_step(model, config: TrainConfig, mesh, num_classes: int):
@@ -138,11 +148,15 @@ def check_config(config: TrainConfig) -> list[Phase]:
 
     config.validate()
     phases = list(config.phase_list)
+    # The real steps per epoch needs the data; any positive value validates options
+    # that depend on it (e.g. Eigen-SAM's refresh_counter='epoch').
+    steps_for_validation = config.steps_per_epoch or 1
     for phase in phases:
         if phase.name not in optim.PERTURBATIONS:
             raise ValueError(f"unknown optimizer {phase.name!r} in phases {config.phases!r}; "
                              f"choose from {sorted(optim.PERTURBATIONS)}")
-        build_optimizer(optimizer_spec(config, phase))  # raises on bad rho / options
+        # raises on bad rho / options
+        build_optimizer(optimizer_spec(config, phase, steps_for_validation))
     return phases
 
 
@@ -241,7 +255,8 @@ def run(config: TrainConfig) -> RunResult:
         params, batch_stats = ckpt.restore_variables(latest, params, batch_stats)
         opt_phase = meta["opt_phase"]
         if opt_phase is not None:
-            like = build_optimizer(optimizer_spec(config, phases[opt_phase])).init(params)
+            like = build_optimizer(
+                optimizer_spec(config, phases[opt_phase], steps_per_epoch)).init(params)
             opt_state = ckpt.restore_opt_state(latest, like)
         start_epoch, grad_evals = latest, meta["grad_evals"]
         wall_offset = meta.get("wall_time", 0.0)
@@ -255,7 +270,8 @@ def run(config: TrainConfig) -> RunResult:
             # init_step with the same optimizer and the saved leaves fit it.
             if config.init_step > 0:
                 prev = config.phase_index(config.init_step - 1)
-                like = build_optimizer(optimizer_spec(config, phases[prev])).init(params)
+                like = build_optimizer(
+                    optimizer_spec(config, phases[prev], steps_per_epoch)).init(params)
                 if (meta.get("opt_name") == phases[prev].name
                         and source.opt_state_matches(config.init_step, like)):
                     opt_state, opt_phase = source.restore_opt_state(config.init_step, like), prev
@@ -278,18 +294,19 @@ def run(config: TrainConfig) -> RunResult:
         for epoch in range(start_epoch, total_epochs):
             phase_idx = config.phase_index(epoch)
             phase = phases[phase_idx]
-            spec = optimizer_spec(config, phase)
+            spec = optimizer_spec(config, phase, steps_per_epoch)
             if opt_phase != phase_idx:
                 state = _switch(state, config, spec, carry=opt_phase is not None)
                 opt_phase = phase_idx
             state = jax.device_put(state, repl)
-            refresh_every = _host_refresh_every(config, spec)
-            if refresh_every is None:
+            picker = _host_step_picker(config, spec)
+            if picker is None:
                 step_fn = _train_step(model, config, spec, mesh, num_classes)
             else:
-                # Eigen-SAM: a refresh step and a plain step, picked on the host by the
-                # transform's own rule on its count, read from the state at each epoch
-                # start (so a switch, 'carry', a resume and init_from all count right).
+                # Two compiled step kinds (Eigen-SAM: refresh / plain), picked on the
+                # host by the transform's own rule on its count, read from the state at
+                # each epoch start (so a switch, 'carry', a resume and init_from all
+                # count right).
                 eigen_steps = {flag: _train_step(model, config, spec, mesh, num_classes, flag)
                                for flag in (False, True)}
                 count = int(jax.device_get(state.opt_state[PERTURBATION_INDEX].count))
@@ -302,8 +319,8 @@ def run(config: TrainConfig) -> RunResult:
                 global_step = epoch * steps_per_epoch + i
                 lr = schedule(global_step)
                 rng = dropout_key(config.seed, global_step, shards)
-                if refresh_every is not None:
-                    step_fn = eigen_steps[is_refresh_step(count, refresh_every)]
+                if picker is not None:
+                    step_fn = eigen_steps[picker(count)]
                     count += 1
                 state, metrics = step_fn(state, parallel.put_batch(batch, mesh),
                                          np.float32(lr), rng)

@@ -138,9 +138,10 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         (released code); otherwise on ``grad_fn`` (train mode).
       eigen_refresh: Eigen-SAM only: ``True`` / ``False`` compiles a step that
         always / never refreshes the eigenvector (``update(..., eigen_refresh=...)``,
-        no ``lax.cond``; the caller picks one per step by
-        `sam_jax.optim.eigen_sam.is_refresh_step`); None keeps the transform's
-        in-graph schedule.
+        no ``lax.cond``; the caller picks one per step by the transform's own
+        rule, `sam_jax.optim.registry.step_picker`, i.e.
+        `sam_jax.optim.eigen_sam.is_refresh_step` with the phase's options); None
+        keeps the transform's in-graph schedule.
 
     Returns:
       ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
