@@ -9,6 +9,7 @@ Command line: ``python -m sam_jax.train --help``. See docs/train.md.
 """
 from sam_jax.train.checkpoint import CheckpointError, Checkpointer
 from sam_jax.train.config import Phase, TrainConfig, parse_phases
+from sam_jax.train.grid import Cells, GridResult, GridSpec, make_cells, train_grid
 from sam_jax.train.logging import read_metrics
 from sam_jax.train.loop import (RunResult, TrainingDiverged, checkpoint_epochs, load_variables,
                                 optimizer_spec, run)
@@ -17,15 +18,20 @@ from sam_jax.train.schedules import make_schedule
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "Cells",
+    "GridResult",
+    "GridSpec",
     "Phase",
     "RunResult",
     "TrainConfig",
     "TrainingDiverged",
     "checkpoint_epochs",
     "load_variables",
+    "make_cells",
     "make_schedule",
     "optimizer_spec",
     "parse_phases",
     "read_metrics",
     "run",
+    "train_grid",
 ]
