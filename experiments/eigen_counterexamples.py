@@ -1,0 +1,432 @@
+"""Eigen-SAM paper (Luo et al., NeurIPS 2024), appendix: SAM vs Reverse-SAM vs EGR.
+
+The paper trains SAM, Reverse-SAM (perturbation −ρĝ) and EGR (explicit gradient-norm
+regularization) at the same ρ and compares their train and test losses, to argue that
+SAM's effect is not only the gradient-norm regularization of first-order analyses.
+What each method's gradient is, Taylor-expanded in ρ (g = ∇L_B(w), H = ∇²L_B(w),
+T = ∇³L_B(w), ĝ = g/‖g‖, all of the same minibatch):
+
+* SAM:         ∇L(w + ρĝ) = g + ρ Hĝ + (ρ²/2) T[ĝ, ĝ] + O(ρ³)
+* Reverse-SAM: ∇L(w − ρĝ) = g − ρ Hĝ + (ρ²/2) T[ĝ, ĝ] + O(ρ³)
+* EGR:         g + ρ Hĝ, exactly the gradient of L + ρ‖∇L‖ (``egr(mode="hvp")``: one
+  forward-over-reverse HVP per step, 3 gradient evaluations; the library's default
+  ``mode="finite_difference"`` with step r = 0.01 equals it up to (ρ r/2) T[ĝ, ĝ];
+  the mode is an option here and recorded in the JSON).
+
+So at first order SAM *is* EGR (both descend on L + ρ‖∇L‖), and Reverse-SAM
+*anti*-regularizes the gradient norm (descends on L − ρ‖∇L‖). Everything that
+separates SAM from EGR is of higher order, led by (ρ²/2) T[ĝ, ĝ] = (ρ²/2) ∇(ĝᵀHĝ)|ĝ
+fixed — a penalty on the curvature along ĝ that SAM and Reverse-SAM share and EGR
+lacks (the paper's third-order SDE term). SGD is trained alongside as the reference.
+
+The study (``sam_jax.train.run`` per run, one process, so each method's compiled step
+is reused across seeds): per seed, SGD once and SAM / Reverse-SAM / EGR at each ρ of
+the preset, all from the same initialization and data order (the run seed), test
+loss every epoch (``eval_every=1``), λ_max at the last epoch by Lanczos (engine's
+``lambda_max_every``; the first ``lambda_examples`` un-augmented training examples,
+BN mode ``lambda_bn_mode`` — the presets' models have no BatchNorm, so the mode does
+not change the operator). "Train loss" is the engine's epoch mean of the clean-pass
+minibatch losses (at w, not at the perturbed point).
+
+Claims tested (criteria printed with each verdict; paired over seeds):
+
+* EGR ≠ SAM: the paired 95 % CI of EGR − SAM in final test loss or in final λ_max
+  excludes 0. At first order they are the same method, so a difference is the
+  higher-order terms at work.
+* SAM's effect has an even-in-ρ part: first-order (gradient-norm) theory makes the
+  effect of the perturbation odd in ρ, so ½(SAM + Reverse-SAM) = SGD + O(ρ²); the
+  claim holds if the paired CI of ½(SAM + Reverse-SAM) − SGD in final test loss or
+  λ_max excludes 0. Also reported: whether Reverse-SAM ends sharper than SGD (what
+  first order predicts), flatter, or neither detectably.
+* the paper's conclusion ("SAM's effect is not only gradient-norm regularization")
+  holds at this scale if either of the two holds; if neither does, the runs are
+  consistent with the first-order picture (or too noisy to tell: the CIs say which).
+
+Command::
+
+    python -m experiments.eigen_counterexamples --scale cpu --workdir runs/eigen_counterexamples_cpu
+
+Runtime on 2 CPU cores: tiny ~15 s; cpu see docs/experiments.md (35 runs);
+paper (CIFAR-10, ResNet-18, 200 epochs, 3 seeds, 10 runs per seed): ~2 GPU-days
+on one A100-class GPU (estimate, not run).
+Result at cpu scale: see /work/notes/eigen_counterexamples.md (filled in after the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from experiments import common
+
+METHODS = ("sam", "reverse_sam", "egr")
+LABELS = {"sgd": "SGD", "sam": "SAM", "reverse_sam": "Reverse-SAM (−ρĝ)",
+          "egr": "EGR (g + ρHĝ)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterConfig:
+    """One SAM / Reverse-SAM / EGR comparison.
+
+    Attributes:
+      dataset, dataset_kwargs, model, model_kwargs: what to train (``sam_jax`` names).
+      epochs: training epochs of every run.
+      rhos: the matched radii; every method runs at each (EGR's ρ is its penalty
+        weight, which makes its first-order term equal SAM's).
+      seeds: default seeds (≥ 3 for the CIs).
+      egr_mode: ``"hvp"`` (exact g + ρHĝ, our default) or ``"finite_difference"``.
+      egr_fd_step: the finite-difference step r (``finite_difference`` mode only;
+        0.01 [recalled] from Zhao et al. 2022).
+      train: other ``TrainConfig`` fields (lr, schedule, batch_size, momentum,
+        weight_decay, steps_per_epoch, ...). Chosen by us, not the paper's.
+      lambda_examples, lambda_iters, lambda_bn_mode: the λ_max protocol at the end.
+    """
+
+    dataset: str
+    model: str
+    epochs: int
+    rhos: tuple[float, ...]
+    seeds: tuple[int, ...]
+    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    egr_mode: str = "hvp"
+    egr_fd_step: float = 0.01
+    train: dict = dataclasses.field(default_factory=dict)
+    lambda_examples: int = 4000
+    lambda_iters: int = 20
+    lambda_bn_mode: str = "batch"
+
+    def __post_init__(self):
+        if not self.rhos or any(r <= 0 for r in self.rhos):
+            raise ValueError(f"rhos must be non-empty and > 0, got {self.rhos}")
+        if self.egr_mode not in ("hvp", "finite_difference"):
+            raise ValueError(f"egr_mode must be 'hvp' or 'finite_difference', got {self.egr_mode!r}")
+        if not self.seeds:
+            raise ValueError("need at least one seed")
+
+    def phases(self, method: str, rho: float | None) -> str:
+        """The engine's phase string of one run."""
+        if method == "sgd":
+            return f"sgd:{self.epochs}"
+        phase = f"{method}:{self.epochs}:{rho}"
+        if method == "egr":
+            phase += f":mode={self.egr_mode}"
+            if self.egr_mode == "finite_difference":
+                phase += f":fd_step={self.egr_fd_step}"
+        return phase
+
+
+SCALE_PRESETS: dict[str, CounterConfig] = {
+    # Seconds: the CI smoke test.
+    "tiny": CounterConfig(
+        dataset="mnist1d", dataset_kwargs={"num_samples": 600}, model="mlp",
+        model_kwargs={"width": 16}, epochs=3, rhos=(0.1,), seeds=(0, 1),
+        train={"lr": 0.05, "batch_size": 32, "steps_per_epoch": 5, "schedule": "cosine"},
+        lambda_examples=200, lambda_iters=5),
+    # Minutes on 2 CPU cores: MNIST-1D (4000 train / 1000 test), the MNIST-1D CNN,
+    # batch 32 (125 steps per epoch), cosine lr 0.05, momentum 0.9, wd 5e-4: our
+    # choices. Two radii: 0.05 (SAM's usual value) and 0.2, where the O(ρ²) terms
+    # that separate SAM from EGR are 16x larger.
+    "cpu": CounterConfig(
+        dataset="mnist1d", model="cnn1d", epochs=30, rhos=(0.05, 0.2),
+        seeds=(0, 1, 2, 3, 4),
+        train={"lr": 0.05, "batch_size": 32, "schedule": "cosine", "momentum": 0.9,
+               "weight_decay": 5e-4},
+        lambda_examples=4000, lambda_iters=20),
+    # The paper's appendix figure trains on CIFAR-10 [recalled; model and ρ not in our
+    # notes]: ResNet-18, the released Eigen-SAM training recipe (papers.md §1 [code]:
+    # batch 256, lr 0.1, cosine, momentum 0.9, wd 5e-4, crop + flip, 200 epochs) at the
+    # README's ρ = 0.1 [code]. Not run here.
+    "paper": CounterConfig(
+        dataset="cifar10", dataset_kwargs={"crop_padding": 4, "flip": True},
+        model="resnet18", epochs=200, rhos=(0.05, 0.1), seeds=(0, 1, 2),
+        train={"lr": 0.1, "batch_size": 256, "schedule": "cosine", "momentum": 0.9,
+               "weight_decay": 5e-4},
+        lambda_examples=5000, lambda_iters=20),
+}
+
+
+# ------------------------------------------------------------------------- the runs
+
+def run_name(method: str, rho: float | None) -> str:
+    return "sgd" if method == "sgd" else f"{method}_rho{rho:g}"
+
+
+def run_list(cfg: CounterConfig) -> list[tuple[str, float | None]]:
+    """(method, ρ) of every run of one seed: SGD once, then each method at each ρ."""
+    return [("sgd", None)] + [(m, r) for r in cfg.rhos for m in METHODS]
+
+
+def make_train_config(cfg: CounterConfig, workdir: Path, method: str, rho: float | None,
+                      seed: int):
+    from sam_jax.train import TrainConfig
+
+    return TrainConfig(
+        workdir=str(workdir), dataset=cfg.dataset, dataset_kwargs=dict(cfg.dataset_kwargs),
+        model=cfg.model, model_kwargs=dict(cfg.model_kwargs),
+        phases=cfg.phases(method, rho), rho=rho if rho is not None else 0.05, seed=seed,
+        keep_last=1, checkpoint_every=cfg.epochs, eval_every=1,
+        lambda_max_every=cfg.epochs, lambda_max_examples=cfg.lambda_examples,
+        lambda_max_iters=cfg.lambda_iters, lambda_max_bn_mode=cfg.lambda_bn_mode,
+        progress=False, **cfg.train)
+
+
+def record_run(result) -> dict:
+    """Per-epoch curves and final numbers of one engine run."""
+    history = result.history
+    last = history[-1]
+    curve = lambda key: [h.get(key, float("nan")) for h in history]  # noqa: E731
+    epoch_times = [h["epoch_time"] for h in history]
+    return {
+        "epoch": [h["epoch"] + 1 for h in history],
+        "train_loss": curve("train_loss"), "train_acc": curve("train_acc"),
+        "test_loss": curve("test_loss"), "test_acc": curve("test_acc"),
+        "grad_norm": curve("grad_norm"),
+        "final_train_loss": last["train_loss"], "final_test_loss": last["test_loss"],
+        "final_test_acc": last["test_acc"], "lambda_max": last["lambda_max"],
+        "lambda_2": last["lambda_2"],
+        "lambda_bn_mode": last.get("lambda_max_bn_mode"),
+        "lambda_examples": last.get("lambda_max_examples"),
+        "grad_evals": result.grad_evals,
+        "median_epoch_time_s": float(np.median(epoch_times[1:] if len(epoch_times) > 1
+                                               else epoch_times)),
+        "wall_time_s": last.get("wall_time"),
+    }
+
+
+def run_all(cfg: CounterConfig, seeds: Sequence[int], workdir: Path) -> dict:
+    """Every run; returns ``{run_name: {seed: record}}``."""
+    from sam_jax.train import run
+
+    runs = run_list(cfg)
+    progress = common.RunProgress(len(runs) * len(seeds), "eigen_counterexamples")
+    out: dict[str, dict[int, dict]] = {}
+    for method, rho in runs:  # method-major: each compiled step serves all seeds in a row
+        name = run_name(method, rho)
+        for seed in seeds:
+            result = run(make_train_config(cfg, workdir / "runs" / name / f"seed{seed}",
+                                           method, rho, seed))
+            rec = record_run(result)
+            rec.update(method=method, rho=rho, seed=seed)
+            out.setdefault(name, {})[seed] = rec
+            progress.finished(
+                f"seed {seed} {LABELS[method]}{'' if rho is None else f' ρ={rho:g}'}: "
+                f"test loss {rec['final_test_loss']:.4f}, λ_max {rec['lambda_max']:.2f}",
+                reused=result.resumed_from >= cfg.epochs)
+    return out
+
+
+# ----------------------------------------------------------------------- aggregation
+
+def summarize(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> list[dict]:
+    """One row per run name: mean ± std and 95 % CI half-width over seeds."""
+    rows = []
+    for method, rho in run_list(cfg):
+        name = run_name(method, rho)
+        recs = [per_run[name][s] for s in seeds]
+        row = {"run": name, "method": method, "rho": rho}
+        for key in ("final_train_loss", "final_test_loss", "final_test_acc", "lambda_max",
+                    "lambda_2", "grad_evals", "median_epoch_time_s"):
+            values = [r[key] for r in recs]
+            row[key] = {**common.mean_std(values), "ci95": common.ci_half_width(values)}
+        rows.append(row)
+    return rows
+
+
+def claims(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> dict:
+    """The verdicts (see the module docstring), per ρ, with the paired differences."""
+    get = lambda name, key: np.array([per_run[name][s][key] for s in seeds])  # noqa: E731
+    excludes0 = lambda p: bool(p["ci_low"] > 0 or p["ci_high"] < 0)  # noqa: E731
+    out = {"per_rho": []}
+    for rho in cfg.rhos:
+        sam_, rev, egr_ = (run_name(m, rho) for m in METHODS)
+        d = {"rho": rho}
+        for key, short in (("final_test_loss", "test_loss"), ("lambda_max", "lambda_max"),
+                           ("final_train_loss", "train_loss")):
+            sgd_v, sam_v, rev_v, egr_v = (get(n, key) for n in ("sgd", sam_, rev, egr_))
+            d[f"egr_minus_sam_{short}"] = common.paired_difference(egr_v, sam_v)
+            d[f"sam_minus_sgd_{short}"] = common.paired_difference(sam_v, sgd_v)
+            d[f"reverse_minus_sgd_{short}"] = common.paired_difference(rev_v, sgd_v)
+            d[f"reverse_minus_sam_{short}"] = common.paired_difference(rev_v, sam_v)
+            # The part of SAM's effect that does not flip sign with ρ: first-order
+            # (gradient-norm) theory says ½(SAM + Reverse-SAM) = SGD + O(ρ²).
+            d[f"even_part_{short}"] = common.paired_difference((sam_v + rev_v) / 2, sgd_v)
+        d["egr_differs_from_sam"] = (excludes0(d["egr_minus_sam_test_loss"])
+                                     or excludes0(d["egr_minus_sam_lambda_max"]))
+        d["even_part_nonzero"] = (excludes0(d["even_part_test_loss"])
+                                  or excludes0(d["even_part_lambda_max"]))
+        rs = d["reverse_minus_sgd_lambda_max"]
+        d["reverse_vs_sgd_sharpness"] = ("sharper" if rs["ci_low"] > 0 else
+                                         "flatter" if rs["ci_high"] < 0 else "no detectable difference")
+        d["sam_flatter_than_sgd"] = bool(d["sam_minus_sgd_lambda_max"]["ci_high"] < 0)
+        d["not_only_gradient_norm"] = d["egr_differs_from_sam"] or d["even_part_nonzero"]
+        out["per_rho"].append(d)
+    out["not_only_gradient_norm_any_rho"] = any(d["not_only_gradient_norm"] for d in out["per_rho"])
+    return out
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = ["method", "ρ", "train loss", "test loss", "test acc %", "λ_max", "λ_2",
+              "grad evals (run)", "epoch time s"]
+    table = []
+    for r in rows:
+        table.append([LABELS[r["method"]], "—" if r["rho"] is None else f"{r['rho']:g}",
+                      common.fmt_mean_std(r["final_train_loss"], 4),
+                      common.fmt_mean_std(r["final_test_loss"], 4),
+                      common.fmt_mean_std(r["final_test_acc"], 2, 100),
+                      common.fmt_mean_std(r["lambda_max"], 2),
+                      common.fmt_mean_std(r["lambda_2"], 2),
+                      f"{r['grad_evals']['mean']:.0f}",
+                      f"{r['median_epoch_time_s']['mean']:.3f}"])
+    return common.format_table(header, table)
+
+
+def verdict_lines(claim: dict) -> list[str]:
+    f = common.fmt_paired
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    lines = []
+    for d in claim["per_rho"]:
+        lines += [
+            f"ρ = {d['rho']:g} (paired over seeds, 95 % t-intervals):",
+            f"  SAM − SGD          λ_max {f(d['sam_minus_sgd_lambda_max'], 3)}; "
+            f"test loss {f(d['sam_minus_sgd_test_loss'], 4)}",
+            f"  Reverse-SAM − SGD  λ_max {f(d['reverse_minus_sgd_lambda_max'], 3)}; "
+            f"test loss {f(d['reverse_minus_sgd_test_loss'], 4)}",
+            f"  EGR − SAM          λ_max {f(d['egr_minus_sam_lambda_max'], 3)}; "
+            f"test loss {f(d['egr_minus_sam_test_loss'], 4)}",
+            f"  ½(SAM + Reverse-SAM) − SGD  λ_max {f(d['even_part_lambda_max'], 3)}; "
+            f"test loss {f(d['even_part_test_loss'], 4)}",
+            f"  SAM flatter than SGD (CI of λ_max difference < 0): {yes(d['sam_flatter_than_sgd'])}",
+            f"  Reverse-SAM vs SGD λ_max (first order predicts sharper): "
+            f"{d['reverse_vs_sgd_sharpness']}",
+            f"  EGR differs from SAM, i.e. higher-order terms matter (CI of test loss or "
+            f"λ_max excludes 0): {yes(d['egr_differs_from_sam'])}",
+            f"  even-in-ρ part of SAM's effect ≠ 0, which first order forbids (CI of "
+            f"½(SAM + Reverse-SAM) − SGD excludes 0 for test loss or λ_max): "
+            f"{yes(d['even_part_nonzero'])}",
+            f"  => SAM's effect is not only first-order gradient-norm regularization "
+            f"(either of the two): {yes(d['not_only_gradient_norm'])}",
+        ]
+    return lines
+
+
+# -------------------------------------------------------------------------- figure
+
+def plot(cfg: CounterConfig, per_run: dict, seeds: Sequence[int], path, scale: str) -> str:
+    """Train loss and test loss over epochs (one column per ρ, shared axes), and the
+    final λ_max with 95 % CIs."""
+    plt = common.pyplot()
+    ncols = len(cfg.rhos)
+    fig = plt.figure(figsize=(4.2 * ncols + 3.2, 6.2))
+    grid = fig.add_gridspec(2, ncols + 1, width_ratios=[1] * ncols + [0.85])
+    colors = {"sgd": common.PALETTE[7], "sam": common.PALETTE[0],
+              "reverse_sam": common.PALETTE[1], "egr": common.PALETTE[2]}
+    styles = {"sgd": ":", "sam": "-", "reverse_sam": "--", "egr": "-."}
+    axes = [[None] * ncols for _ in range(2)]
+    for col, rho in enumerate(cfg.rhos):
+        for row, key in enumerate(("train_loss", "test_loss")):
+            share = dict(sharex=axes[0][0]) if (row, col) != (0, 0) else {}
+            if col > 0:
+                share["sharey"] = axes[row][0]
+            ax = fig.add_subplot(grid[row, col], **share)
+            axes[row][col] = ax
+            for method in ("sgd",) + METHODS:
+                name = run_name(method, rho if method != "sgd" else None)
+                curves = np.array([per_run[name][s][key] for s in seeds])
+                x = per_run[name][seeds[0]]["epoch"]
+                common.plot_band(ax, x, curves, label=LABELS[method], color=colors[method],
+                                 ls=styles[method])
+            if row == 0:
+                ax.set_title(f"ρ = {rho:g}")
+                ax.set_yscale("log")
+                ax.tick_params(labelbottom=False)
+            else:
+                ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("train loss (epoch mean of minibatch CE)" if row == 0
+                              else "test loss (cross-entropy)")
+    axes[1][0].legend(loc="upper left", frameon=False)
+    ax = fig.add_subplot(grid[:, ncols])
+    names, xs, means, halves, cols = [], [], [], [], []
+    pos = 0
+    for method, rho in run_list(cfg):
+        name = run_name(method, rho)
+        values = [per_run[name][s]["lambda_max"] for s in seeds]
+        names.append(LABELS[method].split(" (")[0] + ("" if rho is None else f"\nρ={rho:g}"))
+        xs.append(pos)
+        means.append(np.mean(values))
+        halves.append(common.ci_half_width(values))
+        cols.append(colors[method])
+        ax.scatter([pos] * len(values), values, s=8, color="k", zorder=3, alpha=0.6)
+        pos += 1 if method != "egr" else 1.6
+    ax.bar(xs, means, yerr=halves, color=cols, capsize=3, alpha=0.85)
+    ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("final λ_max (Lanczos, train set)")
+    ax.set_title("λ_max at the end\n(bar: mean, 95 % CI; dots: seeds)")
+    tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
+    fig.suptitle(f"SAM vs Reverse-SAM vs EGR: {cfg.dataset}, {cfg.model}, seeds "
+                 f"{', '.join(map(str, seeds))}{tiny}\n{common.BAND_CAPTION}; "
+                 f"EGR = exact g + ρHĝ ({cfg.egr_mode}); λ_max: first "
+                 f"{cfg.lambda_examples} train examples", fontsize=9)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ main
+
+def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
+                   cfg: CounterConfig | None = None) -> dict:
+    cfg = cfg or SCALE_PRESETS[scale]
+    seeds = tuple(seeds) if seeds else cfg.seeds
+    workdir = common.prepare_workdir(workdir)
+    with common.Timer() as timer:
+        per_run = run_all(cfg, seeds, workdir)
+        rows = summarize(cfg, per_run, seeds)
+        claim = claims(cfg, per_run, seeds)
+        figure = plot(cfg, per_run, seeds, workdir / "eigen_counterexamples.png", scale)
+    results = {
+        "rows": rows,
+        "per_run": {name: {str(s): rec for s, rec in recs.items()}
+                    for name, recs in per_run.items()},
+        "claim": claim,
+        "table": format_rows(rows),
+        "protocol": {
+            "egr_gradient": ("g + ρ H ĝ by one forward-over-reverse HVP (exact)"
+                             if cfg.egr_mode == "hvp" else
+                             f"g + ρ (∇L(w + r ĝ) − g)/r, r = {cfg.egr_fd_step}"),
+            "train_loss": "epoch mean of the clean-pass minibatch losses (train mode)",
+            "lambda_max": f"Lanczos ({cfg.lambda_iters} steps) on the first "
+                          f"{cfg.lambda_examples} un-augmented training examples, "
+                          f"BN mode {cfg.lambda_bn_mode!r} (no BN in the presets' models)",
+        },
+    }
+    config = {"study": cfg, "seeds": seeds}
+    common.write_results(workdir, "eigen_counterexamples", scale, config, results,
+                         timer.seconds, [figure])
+    results["wall_time_s"] = timer.seconds
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = common.build_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    if args.scale == "tiny":
+        print("tiny scale: smoke test, numbers are not results")
+    results = run_experiment(args.scale, args.workdir, args.seeds)
+    print(results["table"])
+    for line in verdict_lines(results["claim"]):
+        print(line)
+    print(f"SAM's effect is not only gradient-norm regularization at some ρ: "
+          f"{'yes' if results['claim']['not_only_gradient_norm_any_rho'] else 'no'}")
+    if args.scale == "tiny":
+        print("tiny scale: smoke test, numbers are not results")
+    print(f"wall time {results['wall_time_s']:.0f} s; results in {args.workdir}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
