@@ -515,14 +515,14 @@ def plot_summary(cfg: SDEConfig, per_rho: dict, path: Path, dataset_name: str, s
               "sde2": dict(color=common.PALETTE[0], marker="s", ls="--"),
               "sde3": dict(color=common.PALETTE[1], marker="^", ls="-."),
               "sgd": dict(color="0.6", marker="x", ls=":")}
+    shift = lambda j, count: rhos * (1 + 0.04 * (j - (count - 1) / 2))  # side by side
     for ax, metric in zip(axes[:2], ("lambda_max", "train_loss")):
-        for method in cfg.methods:
+        for j, method in enumerate(cfg.methods):
             ends = [per_rho[r][method][metric][:, -1] for r in rhos]
             mean = np.array([e.mean() for e in ends])
             half = np.array([common.ci_half_width(e) for e in ends])
-            ax.errorbar(rhos, mean, yerr=half, capsize=3, label=METHOD_LABELS[method],
-                        **styles[method])
-        ax.set_xlabel("SAM radius ρ")
+            ax.errorbar(shift(j, len(cfg.methods)), mean, yerr=half, capsize=3,
+                        label=METHOD_LABELS[method], **styles[method])
         ax.set_ylabel(f"{METRIC_LABELS[metric]} at step {cfg.steps}")
     axes[0].legend()
     ax = axes[2]
@@ -531,8 +531,13 @@ def plot_summary(cfg: SDEConfig, per_rho: dict, path: Path, dataset_name: str, s
         runs = [per_rho[r]["sam"][key].mean(axis=1) for r in rhos]  # time mean per trajectory
         ax.errorbar(rhos, [r.mean() for r in runs], yerr=[common.ci_half_width(r) for r in runs],
                     capsize=3, label=label, **style)
-    ax.set_xlabel("SAM radius ρ")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(rhos, [f"{r:g}" for r in rhos])
+        ax.minorticks_off()
     ax.set_ylabel("relative error of the expansion of\n∇L(w+ρĝ) − ∇L (full batch)")
+    for ax in axes:
+        ax.set_xlabel("SAM radius ρ (log scale)")
     ax.legend()
     tag = " — tiny scale: smoke test" if scale == "tiny" else ""
     fig.suptitle(f"Across ρ: MLP ({cfg.depth}×{cfg.width}) on {dataset_name}, "
