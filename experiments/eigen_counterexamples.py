@@ -13,42 +13,44 @@ T = ∇³L_B(w), ĝ = g/‖g‖, all of the same minibatch):
   ``mode="finite_difference"`` with step r = 0.01 equals it up to (ρ r/2) T[ĝ, ĝ];
   the mode is an option here and recorded in the JSON).
 
-So at first order SAM *is* EGR (both descend on L + ρ‖∇L‖), and Reverse-SAM
-*anti*-regularizes the gradient norm (descends on L − ρ‖∇L‖). Everything that
-separates SAM from EGR is of higher order, led by (ρ²/2) T[ĝ, ĝ] = (ρ²/2) ∇(ĝᵀHĝ)|ĝ
-fixed — a penalty on the curvature along ĝ that SAM and Reverse-SAM share and EGR
-lacks (the paper's third-order SDE term). SGD is trained alongside as the reference.
+So at first order SAM *is* EGR (both descend on L + ρ‖∇L‖), and Reverse-SAM is
+*anti-EGR*, g − ρHĝ (descends on L − ρ‖∇L‖: it anti-regularizes the gradient norm).
+Everything that separates SAM from EGR, or Reverse-SAM from anti-EGR, is of higher
+order, led by (ρ²/2) T[ĝ, ĝ] = (ρ²/2) ∇(ĝᵀHĝ)|ĝ fixed — a penalty on the curvature
+along ĝ that SAM and Reverse-SAM share and the first-order models lack (the paper's
+third-order SDE term). anti-EGR is not in the paper: it is our control, the
+first-order model of Reverse-SAM (a private transform of this module, ``2g −
+egr(g)``, registered with the engine as ``anti_egr``). SGD is the reference.
 
 The study (``sam_jax.train.run`` per run, one process, so each method's compiled step
-is reused across seeds): per seed, SGD once and SAM / Reverse-SAM / EGR at each ρ of
-the preset, all from the same initialization and data order (the run seed), test
-loss every epoch (``eval_every=1``), λ_max at the last epoch by Lanczos (engine's
+is reused across seeds): per seed, SGD once and SAM / Reverse-SAM / EGR / anti-EGR at
+each ρ of the preset, all from the same initialization and data order (the run seed),
+test loss every epoch (``eval_every=1``), λ_max at the last epoch by Lanczos (engine's
 ``lambda_max_every``; the first ``lambda_examples`` un-augmented training examples,
 BN mode ``lambda_bn_mode`` — the presets' models have no BatchNorm, so the mode does
 not change the operator). "Train loss" is the engine's epoch mean of the clean-pass
 minibatch losses (at w, not at the perturbed point).
 
-Claims tested (criteria printed with each verdict; paired over seeds):
+Claims tested (criteria printed with each verdict; paired over seeds, 95 % t-CIs):
 
-* EGR ≠ SAM: the paired 95 % CI of EGR − SAM in final test loss or in final λ_max
-  excludes 0. At first order they are the same method, so a difference is the
-  higher-order terms at work.
-* SAM's effect has an even-in-ρ part: first-order (gradient-norm) theory makes the
-  effect of the perturbation odd in ρ, so ½(SAM + Reverse-SAM) = SGD + O(ρ²); the
-  claim holds if the paired CI of ½(SAM + Reverse-SAM) − SGD in final test loss or
-  λ_max excludes 0. Also reported: whether Reverse-SAM ends sharper than SGD (what
-  first order predicts), flatter, or neither detectably.
+* EGR ≠ SAM: the CI of EGR − SAM in final train loss, test loss or λ_max excludes 0
+  (at first order they are the same method, so a difference is the higher-order
+  terms at work); likewise anti-EGR ≠ Reverse-SAM.
 * the paper's conclusion ("SAM's effect is not only gradient-norm regularization")
-  holds at this scale if either of the two holds; if neither does, the runs are
-  consistent with the first-order picture (or too noisy to tell: the CIs say which).
+  holds at a ρ if either pair differs; if neither does, the runs are consistent with
+  the first-order picture at that ρ (or too noisy to tell: the CIs say which).
+* reported alongside: whether Reverse-SAM ends sharper than SGD (what first order
+  predicts), and the share of SAM's (Reverse-SAM's) effect vs SGD that EGR
+  (anti-EGR) reproduces (1 = all of it).
 
 Command::
 
     python -m experiments.eigen_counterexamples --scale cpu --workdir runs/eigen_counterexamples_cpu
 
-Runtime on 2 CPU cores: tiny ~15 s; cpu see docs/experiments.md (35 runs);
-paper (CIFAR-10, ResNet-18, 200 epochs, 3 seeds, 10 runs per seed): ~2 GPU-days
-on one A100-class GPU (estimate, not run).
+Runtime on 2 CPU cores: tiny ~15 s; cpu see docs/experiments.md (45 runs);
+paper (CIFAR-10, ResNet-18, 200 epochs, 3 seeds × 9 runs: SGD + 4 methods × 2 ρ):
+~47 GPU-hours on one A100-class GPU (estimate: ~1.5 h per SAM run, EGR / anti-EGR
+with their HVP ~1.5× that; not run).
 Result at cpu scale: see /work/notes/eigen_counterexamples.md (filled in after the run).
 """
 
@@ -63,9 +65,45 @@ import numpy as np
 
 from experiments import common
 
-METHODS = ("sam", "reverse_sam", "egr")
+METHODS = ("sam", "reverse_sam", "egr", "anti_egr")
 LABELS = {"sgd": "SGD", "sam": "SAM", "reverse_sam": "Reverse-SAM (−ρĝ)",
-          "egr": "EGR (g + ρHĝ)"}
+          "egr": "EGR (g + ρHĝ)", "anti_egr": "anti-EGR (g − ρHĝ)"}
+
+
+# --------------------------------------------------------------- the first-order control
+
+def anti_egr(rho=0.05, *, mode: str = "hvp", **kwargs):
+    """Reverse-SAM's first-order model: ``g − ρHĝ``, the gradient of ``L − ρ‖∇L‖``.
+
+    Built from :func:`sam_jax.egr` (same options) as ``2g − egr(g)``; the library
+    takes no negative ρ, so this is a private transform of this experiment,
+    registered under the name ``anti_egr`` for the training engine (see
+    :func:`register_anti_egr`). Cost as EGR's: 3 gradient evaluations per step with
+    ``mode="hvp"`` (an HVP counts 2), 2 with finite differences.
+    """
+    import jax
+    import optax
+
+    from sam_jax.optim import egr
+
+    inner = egr(rho, mode=mode, **kwargs)
+
+    def update(grads, state, params=None, **extra):
+        out, state = inner.update(grads, state, params, **extra)
+        return jax.tree.map(lambda g, o: (2 * g - o).astype(g.dtype), grads, out), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+anti_egr.gradient_evals_per_step = (  # type: ignore[attr-defined]
+    lambda mode="hvp", **_: 3.0 if mode == "hvp" else 2.0)
+
+
+def register_anti_egr() -> None:
+    """Make ``anti_egr`` a perturbation name the engine accepts (idempotent)."""
+    from sam_jax import optim
+
+    optim.PERTURBATIONS.setdefault("anti_egr", anti_egr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +151,7 @@ class CounterConfig:
         if method == "sgd":
             return f"sgd:{self.epochs}"
         phase = f"{method}:{self.epochs}:{rho}"
-        if method == "egr":
+        if method in ("egr", "anti_egr"):
             phase += f":mode={self.egr_mode}"
             if self.egr_mode == "finite_difference":
                 phase += f":fd_step={self.egr_fd_step}"
@@ -202,6 +240,7 @@ def run_all(cfg: CounterConfig, seeds: Sequence[int], workdir: Path) -> dict:
     """Every run; returns ``{run_name: {seed: record}}``."""
     from sam_jax.train import run
 
+    register_anti_egr()
     runs = run_list(cfg)
     progress = common.RunProgress(len(runs) * len(seeds), "eigen_counterexamples")
     out: dict[str, dict[int, dict]] = {}
@@ -241,29 +280,33 @@ def claims(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> dict:
     """The verdicts (see the module docstring), per ρ, with the paired differences."""
     get = lambda name, key: np.array([per_run[name][s][key] for s in seeds])  # noqa: E731
     excludes0 = lambda p: bool(p["ci_low"] > 0 or p["ci_high"] < 0)  # noqa: E731
+    metrics = (("final_train_loss", "train_loss"), ("final_test_loss", "test_loss"),
+               ("lambda_max", "lambda_max"))
     out = {"per_rho": []}
     for rho in cfg.rhos:
-        sam_, rev, egr_ = (run_name(m, rho) for m in METHODS)
+        sam_, rev, egr_, anti = (run_name(m, rho) for m in METHODS)
         d = {"rho": rho}
-        for key, short in (("final_test_loss", "test_loss"), ("lambda_max", "lambda_max"),
-                           ("final_train_loss", "train_loss")):
-            sgd_v, sam_v, rev_v, egr_v = (get(n, key) for n in ("sgd", sam_, rev, egr_))
+        for key, short in metrics:
+            sgd_v, sam_v, rev_v, egr_v, anti_v = (get(n, key) for n in ("sgd", sam_, rev, egr_, anti))
             d[f"egr_minus_sam_{short}"] = common.paired_difference(egr_v, sam_v)
+            d[f"anti_egr_minus_reverse_{short}"] = common.paired_difference(anti_v, rev_v)
             d[f"sam_minus_sgd_{short}"] = common.paired_difference(sam_v, sgd_v)
             d[f"reverse_minus_sgd_{short}"] = common.paired_difference(rev_v, sgd_v)
-            d[f"reverse_minus_sam_{short}"] = common.paired_difference(rev_v, sam_v)
-            # The part of SAM's effect that does not flip sign with ρ: first-order
-            # (gradient-norm) theory says ½(SAM + Reverse-SAM) = SGD + O(ρ²).
-            d[f"even_part_{short}"] = common.paired_difference((sam_v + rev_v) / 2, sgd_v)
-        d["egr_differs_from_sam"] = (excludes0(d["egr_minus_sam_test_loss"])
-                                     or excludes0(d["egr_minus_sam_lambda_max"]))
-        d["even_part_nonzero"] = (excludes0(d["even_part_test_loss"])
-                                  or excludes0(d["even_part_lambda_max"]))
+            # How much of SAM's (Reverse-SAM's) effect on this metric its first-order
+            # model reproduces: 1 = all of it (ratio of mean paired effects).
+            sam_effect, rev_effect = np.mean(sam_v - sgd_v), np.mean(rev_v - sgd_v)
+            d[f"egr_share_of_sam_effect_{short}"] = (
+                float(np.mean(egr_v - sgd_v) / sam_effect) if sam_effect else None)
+            d[f"anti_egr_share_of_reverse_effect_{short}"] = (
+                float(np.mean(anti_v - sgd_v) / rev_effect) if rev_effect else None)
+        d["egr_differs_from_sam"] = any(excludes0(d[f"egr_minus_sam_{m}"]) for _, m in metrics)
+        d["anti_egr_differs_from_reverse"] = any(
+            excludes0(d[f"anti_egr_minus_reverse_{m}"]) for _, m in metrics)
         rs = d["reverse_minus_sgd_lambda_max"]
         d["reverse_vs_sgd_sharpness"] = ("sharper" if rs["ci_low"] > 0 else
                                          "flatter" if rs["ci_high"] < 0 else "no detectable difference")
         d["sam_flatter_than_sgd"] = bool(d["sam_minus_sgd_lambda_max"]["ci_high"] < 0)
-        d["not_only_gradient_norm"] = d["egr_differs_from_sam"] or d["even_part_nonzero"]
+        d["not_only_gradient_norm"] = d["egr_differs_from_sam"] or d["anti_egr_differs_from_reverse"]
         out["per_rho"].append(d)
     out["not_only_gradient_norm_any_rho"] = any(d["not_only_gradient_norm"] for d in out["per_rho"])
     return out
@@ -288,28 +331,31 @@ def format_rows(rows: list[dict]) -> str:
 def verdict_lines(claim: dict) -> list[str]:
     f = common.fmt_paired
     yes = lambda b: "yes" if b else "no"  # noqa: E731
+    share = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     lines = []
     for d in claim["per_rho"]:
+        lines.append(f"ρ = {d['rho']:g} (paired over seeds, 95 % t-intervals):")
+        for left, right, key in (("SAM", "SGD", "sam_minus_sgd"),
+                                 ("Reverse-SAM", "SGD", "reverse_minus_sgd"),
+                                 ("EGR", "SAM", "egr_minus_sam"),
+                                 ("anti-EGR", "Reverse-SAM", "anti_egr_minus_reverse")):
+            lines.append(f"  {left + ' − ' + right:24s} train loss {f(d[key + '_train_loss'], 4)}; "
+                         f"test loss {f(d[key + '_test_loss'], 4)}; λ_max {f(d[key + '_lambda_max'], 3)}")
         lines += [
-            f"ρ = {d['rho']:g} (paired over seeds, 95 % t-intervals):",
-            f"  SAM − SGD          λ_max {f(d['sam_minus_sgd_lambda_max'], 3)}; "
-            f"test loss {f(d['sam_minus_sgd_test_loss'], 4)}",
-            f"  Reverse-SAM − SGD  λ_max {f(d['reverse_minus_sgd_lambda_max'], 3)}; "
-            f"test loss {f(d['reverse_minus_sgd_test_loss'], 4)}",
-            f"  EGR − SAM          λ_max {f(d['egr_minus_sam_lambda_max'], 3)}; "
-            f"test loss {f(d['egr_minus_sam_test_loss'], 4)}",
-            f"  ½(SAM + Reverse-SAM) − SGD  λ_max {f(d['even_part_lambda_max'], 3)}; "
-            f"test loss {f(d['even_part_test_loss'], 4)}",
+            f"  first-order model's share of the effect vs SGD (1 = all): EGR/SAM λ_max "
+            f"{share(d['egr_share_of_sam_effect_lambda_max'])}, train loss "
+            f"{share(d['egr_share_of_sam_effect_train_loss'])}; anti-EGR/Reverse-SAM λ_max "
+            f"{share(d['anti_egr_share_of_reverse_effect_lambda_max'])}, train loss "
+            f"{share(d['anti_egr_share_of_reverse_effect_train_loss'])}",
             f"  SAM flatter than SGD (CI of λ_max difference < 0): {yes(d['sam_flatter_than_sgd'])}",
             f"  Reverse-SAM vs SGD λ_max (first order predicts sharper): "
             f"{d['reverse_vs_sgd_sharpness']}",
-            f"  EGR differs from SAM, i.e. higher-order terms matter (CI of test loss or "
-            f"λ_max excludes 0): {yes(d['egr_differs_from_sam'])}",
-            f"  even-in-ρ part of SAM's effect ≠ 0, which first order forbids (CI of "
-            f"½(SAM + Reverse-SAM) − SGD excludes 0 for test loss or λ_max): "
-            f"{yes(d['even_part_nonzero'])}",
-            f"  => SAM's effect is not only first-order gradient-norm regularization "
-            f"(either of the two): {yes(d['not_only_gradient_norm'])}",
+            f"  EGR differs from SAM (CI of train loss, test loss or λ_max excludes 0): "
+            f"{yes(d['egr_differs_from_sam'])}",
+            f"  anti-EGR differs from Reverse-SAM (same criterion): "
+            f"{yes(d['anti_egr_differs_from_reverse'])}",
+            f"  => higher-order terms change the outcome, i.e. SAM's effect is not only "
+            f"first-order gradient-norm regularization (either): {yes(d['not_only_gradient_norm'])}",
         ]
     return lines
 
@@ -321,11 +367,13 @@ def plot(cfg: CounterConfig, per_run: dict, seeds: Sequence[int], path, scale: s
     final λ_max with 95 % CIs."""
     plt = common.pyplot()
     ncols = len(cfg.rhos)
-    fig = plt.figure(figsize=(4.2 * ncols + 3.2, 6.2))
+    fig = plt.figure(figsize=(4.2 * ncols + 3.6, 6.4))
     grid = fig.add_gridspec(2, ncols + 1, width_ratios=[1] * ncols + [0.85])
     colors = {"sgd": common.PALETTE[7], "sam": common.PALETTE[0],
-              "reverse_sam": common.PALETTE[1], "egr": common.PALETTE[2]}
-    styles = {"sgd": ":", "sam": "-", "reverse_sam": "--", "egr": "-."}
+              "reverse_sam": common.PALETTE[1], "egr": common.PALETTE[2],
+              "anti_egr": common.PALETTE[3]}
+    styles = {"sgd": ":", "sam": "-", "reverse_sam": "--", "egr": "-.",
+              "anti_egr": (0, (4, 1, 1, 1, 1, 1))}
     axes = [[None] * ncols for _ in range(2)]
     for col, rho in enumerate(cfg.rhos):
         for row, key in enumerate(("train_loss", "test_loss")):
@@ -362,15 +410,16 @@ def plot(cfg: CounterConfig, per_run: dict, seeds: Sequence[int], path, scale: s
         halves.append(common.ci_half_width(values))
         cols.append(colors[method])
         ax.scatter([pos] * len(values), values, s=8, color="k", zorder=3, alpha=0.6)
-        pos += 1 if method != "egr" else 1.6
+        pos += 1 if method != METHODS[-1] else 1.6
     ax.bar(xs, means, yerr=halves, color=cols, capsize=3, alpha=0.85)
+    ax.set_yscale("log")
     ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("final λ_max (Lanczos, train set)")
+    ax.set_ylabel("final λ_max (Lanczos, train set; log scale)")
     ax.set_title("λ_max at the end\n(bar: mean, 95 % CI; dots: seeds)")
     tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
-    fig.suptitle(f"SAM vs Reverse-SAM vs EGR: {cfg.dataset}, {cfg.model}, seeds "
+    fig.suptitle(f"SAM vs Reverse-SAM vs EGR (and anti-EGR): {cfg.dataset}, {cfg.model}, seeds "
                  f"{', '.join(map(str, seeds))}{tiny}\n{common.BAND_CAPTION}; "
-                 f"EGR = exact g + ρHĝ ({cfg.egr_mode}); λ_max: first "
+                 f"EGR / anti-EGR = g ± ρHĝ ({cfg.egr_mode}); λ_max: first "
                  f"{cfg.lambda_examples} train examples", fontsize=9)
     fig.tight_layout()
     return common.save_figure(fig, path)

@@ -42,7 +42,8 @@ Command::
     python -m experiments.eigen_table --scale cpu --workdir runs/eigen_table_cpu
 
 Runtime on 2 CPU cores: tiny ~20 s; cpu see docs/experiments.md (150 runs);
-paper: ~4,700 GPU-hours on A100-class GPUs (estimate in ``PAPER_RUNTIME``, not run).
+paper: ~1,400 GPU-hours on A100-class GPUs (300 runs of 200 epochs; estimate in
+``PAPER_RUNTIME``, not run).
 Result at cpu scale: see /work/notes/eigen_table.md (filled in after the run).
 """
 

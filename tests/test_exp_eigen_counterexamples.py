@@ -4,10 +4,10 @@ its run configuration, and the tiny end-to-end run.
 * On a cubic loss L(w) = ½ wᵀAw + ⅙ Σ c_i w_i³ the Taylor expansion of ∇L terminates:
   ∇L(w + ε) = g + Hε + ½ c⊙ε². So the library's transforms must give exactly
   SAM = g + ρHĝ + (ρ²/2) c⊙ĝ², Reverse-SAM = g − ρHĝ + (ρ²/2) c⊙ĝ²,
-  EGR (hvp) = g + ρHĝ: SAM − EGR is the second-order term alone, and
-  ½(SAM + Reverse-SAM) − g is that same term (the "even part" the verdict tests).
-* ``claims`` on hand-made records: an odd-only (first-order) effect gives "no",
-  an even part or an EGR gap gives "yes".
+  EGR (hvp) = g + ρHĝ, and the module's anti-EGR = g − ρHĝ: SAM − EGR and
+  Reverse-SAM − anti-EGR are the second-order term alone.
+* ``claims`` on hand-made records: first-order models that match give "no", a gap
+  between SAM and EGR or between Reverse-SAM and anti-EGR gives "yes".
 """
 
 import json
@@ -50,13 +50,27 @@ def test_sam_reverse_egr_match_the_terminating_taylor_expansion(expansion):
     sam = _update(sam_jax.sam(RHO), W)
     rev = _update(sam_jax.reverse_sam(RHO), W)
     egr = _update(sam_jax.egr(RHO, mode="hvp"), W)
+    anti = _update(ce.anti_egr(RHO, mode="hvp"), W)
     np.testing.assert_allclose(sam, g + RHO * hg + RHO**2 * t, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rev, g - RHO * hg + RHO**2 * t, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(egr, g + RHO * hg, rtol=1e-5, atol=1e-6)
-    # What separates SAM from EGR is the second-order term only; the even part of
-    # SAM/Reverse-SAM is that same term.
+    np.testing.assert_allclose(anti, g - RHO * hg, rtol=1e-5, atol=1e-6)
+    # What separates each method from its first-order model is the second-order term.
     np.testing.assert_allclose(sam - egr, RHO**2 * t, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(0.5 * (sam + rev) - g, RHO**2 * t, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rev - anti, RHO**2 * t, rtol=1e-4, atol=1e-6)
+
+
+def test_anti_egr_is_registered_with_the_engine_and_costs_like_egr():
+    from sam_jax import optim
+
+    ce.register_anti_egr()
+    ce.register_anti_egr()  # idempotent
+    assert optim.PERTURBATIONS["anti_egr"] is ce.anti_egr
+    assert optim.gradient_evals_per_step("anti_egr", mode="hvp") == 3.0
+    assert optim.gradient_evals_per_step("anti_egr", mode="finite_difference") == 2.0
+    out = _update(optim.make_perturbation("anti_egr", RHO, mode="hvp"), W)
+    np.testing.assert_allclose(out, 2 * _grad(W) - _update(sam_jax.egr(RHO, mode="hvp"), W),
+                               rtol=1e-6)
 
 
 def test_egr_finite_difference_differs_from_hvp_by_r_over_2_times_T(expansion):
@@ -79,6 +93,7 @@ def test_phase_strings_parse_and_carry_the_options():
                           egr_mode="finite_difference", egr_fd_step=0.02)
     assert dict(parse_phases(fd.phases("egr", 0.1))[0].kwargs) == {
         "mode": "finite_difference", "fd_step": 0.02}
+    assert dict(parse_phases(cfg.phases("anti_egr", 0.2))[0].kwargs) == {"mode": "hvp"}
     # One SGD run, then every method at every ρ.
     assert ce.run_list(cfg) == [("sgd", None)] + [(m, r) for r in cfg.rhos for m in ce.METHODS]
 
@@ -92,32 +107,36 @@ def _records(lam, loss):
     return out
 
 
-def test_claims_first_order_only_says_no_and_even_part_says_yes():
+def test_claims_first_order_models_matching_say_no_and_gaps_say_yes():
     cfg = ce.CounterConfig(dataset="mnist1d", model="mlp", epochs=1, rhos=(0.1,), seeds=(0,))
     seeds = [0, 1, 2, 3]
     sgd = np.array([2.0, 2.4, 1.8, 2.2])
     noise = np.array([0.01, -0.02, 0.015, -0.005])
-    # Odd effect only: SAM = SGD − 0.5, Reverse-SAM = SGD + 0.5, EGR = SAM (+ noise).
-    lam = {"sgd": sgd, "sam_rho0.1": sgd - 0.5 + noise, "reverse_sam_rho0.1": sgd + 0.5 - noise,
-           "egr_rho0.1": sgd - 0.5 + noise[::-1]}
-    loss = {k: np.full(4, 0.3) + (v - sgd) * 0.0 for k, v in lam.items()}
+    # Each method matches its first-order model up to noise of both signs.
+    lam = {"sgd": sgd, "sam_rho0.1": sgd - 0.5 + noise, "reverse_sam_rho0.1": sgd + 3.0 - noise,
+           "egr_rho0.1": sgd - 0.5 + noise[::-1], "anti_egr_rho0.1": sgd + 3.0 + noise}
+    loss = {k: np.full(4, 0.3) for k in lam}
     d = ce.claims(cfg, _records(lam, loss), seeds)["per_rho"][0]
-    assert d["even_part_lambda_max"]["mean"] == pytest.approx(0.0, abs=1e-12)
-    assert d["reverse_vs_sgd_sharpness"] == "sharper"
-    assert d["sam_flatter_than_sgd"]
-    assert not d["egr_differs_from_sam"] and not d["even_part_nonzero"]
+    assert d["reverse_vs_sgd_sharpness"] == "sharper" and d["sam_flatter_than_sgd"]
+    assert not d["egr_differs_from_sam"] and not d["anti_egr_differs_from_reverse"]
     assert not d["not_only_gradient_norm"]
-    # Reverse-SAM also flatter than SGD: an even part of −0.45 ± small noise.
-    lam["reverse_sam_rho0.1"] = sgd - 0.4 + noise
+    assert d["egr_share_of_sam_effect_lambda_max"] == pytest.approx(
+        np.mean(noise[::-1] - 0.5) / np.mean(noise - 0.5))
+    assert d["egr_share_of_sam_effect_train_loss"] is None      # no effect to share
+    # anti-EGR sharper than Reverse-SAM by 1.0 in every seed.
+    lam["anti_egr_rho0.1"] = sgd + 4.0 - noise
     d = ce.claims(cfg, _records(lam, loss), seeds)["per_rho"][0]
-    assert d["even_part_lambda_max"]["mean"] == pytest.approx(-0.45 + noise.mean())
-    assert d["reverse_vs_sgd_sharpness"] == "flatter"
-    assert d["even_part_nonzero"] and d["not_only_gradient_norm"]
-    # EGR sharper than SAM by 0.3 in every seed.
-    lam["reverse_sam_rho0.1"] = sgd + 0.5 - noise
-    lam["egr_rho0.1"] = sgd - 0.2 + noise
-    d = ce.claims(cfg, _records(lam, loss), seeds)["per_rho"][0]
-    assert d["egr_minus_sam_lambda_max"]["mean"] == pytest.approx(0.3)
+    assert d["anti_egr_minus_reverse_lambda_max"]["mean"] == pytest.approx(1.0)
+    assert d["anti_egr_differs_from_reverse"] and d["not_only_gradient_norm"]
+    assert d["anti_egr_share_of_reverse_effect_lambda_max"] == pytest.approx(4.0 / (3.0 - noise.mean()))
+    # EGR's train loss lower than SAM's in every seed (λ_max and test loss equal).
+    lam["anti_egr_rho0.1"] = sgd + 3.0 + noise
+    loss["egr_rho0.1"] = np.array([0.2, 0.21, 0.19, 0.2])
+    recs = _records(lam, loss)
+    for s in seeds:
+        recs["egr_rho0.1"][s]["final_train_loss"] = -0.1 + 0.001 * s
+    d = ce.claims(cfg, recs, seeds)["per_rho"][0]
+    assert d["egr_minus_sam_train_loss"]["ci_high"] < 0
     assert d["egr_differs_from_sam"] and d["not_only_gradient_norm"]
 
 
@@ -150,6 +169,8 @@ def test_tiny_cli_results_structure(tiny):
     evals = {r["run"]: r["grad_evals"]["mean"] for r in res["rows"]}
     assert evals["sgd"] == steps and evals["sam_rho0.1"] == 2 * steps
     assert evals["reverse_sam_rho0.1"] == 2 * steps and evals["egr_rho0.1"] == 3 * steps  # HVP = 2
+    assert evals["anti_egr_rho0.1"] == 3 * steps
     (d,) = res["claim"]["per_rho"]
     assert d["rho"] == 0.1 and d["egr_minus_sam_test_loss"]["n"] == len(cfg.seeds)
-    assert "EGR" in res["table"] and "Reverse-SAM" in res["table"]
+    assert "anti-EGR" in res["table"] and "Reverse-SAM" in res["table"]
+    assert isinstance(d["not_only_gradient_norm"], bool)
