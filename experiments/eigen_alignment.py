@@ -99,7 +99,7 @@ class Setting:
     schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    rho: float = 0.1
+    rho: float = 0.05
     alpha: float = 0.2
     power_iters: int = 5
     refresh_counter: str = "epoch"
@@ -129,14 +129,16 @@ SCALE_PRESETS: dict[str, Preset] = {
         ),
         seeds=(0, 1), smoke_test=True),
     # Minutes on 2 cores (our choices; see the module docstring for refresh_every).
+    # rho 0.05 is the released default; rho 0.1 (the README example) made SAM collapse
+    # on digits/cnn6 (width 8) in our first try (test accuracy 10 %, seed 0).
     "cpu": Preset(
         settings=(
             Setting("digits_cnn6", "digits", "cnn6", model_kwargs={"width": 8}, epochs=10,
-                    batch_size=32, refresh_every=22, align_every=12, lr=0.05, rho=0.1,
+                    batch_size=32, refresh_every=22, align_every=12, lr=0.05, rho=0.05,
                     lambda_every=2),
             Setting("mnist1d_cnn1d", "mnist1d", "cnn1d", model_kwargs={"width": 16},
                     epochs=10, batch_size=64, refresh_every=31, align_every=16, lr=0.05,
-                    rho=0.1, lambda_every=2),
+                    rho=0.05, lambda_every=2),
         ),
         seeds=(0, 1, 2, 3, 4)),
     # The paper's setting: a 6-layer CNN on CIFAR-10 through TFDS (layers not known:
