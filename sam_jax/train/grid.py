@@ -41,13 +41,14 @@ feature dimensions and masked:
   because XLA may sum a longer, zero-padded axis (and a vmapped batch) in a different
   order (the test uses rtol 1e-5).
 
-**Sampling.** ``sampling="shuffle"`` (default): random reshuffling -- each epoch a
-fresh uniform permutation of the cell's n examples, cut into ``n // batch_size``
-batches of ``batch_size`` (the ``n % batch_size`` examples at the end of a
-permutation are skipped that epoch; they are in other epochs' batches). This is our
-choice: the paper's minibatch SGD is recalled only as "batch B" (papers.md §3).
-``sampling="replacement"``: each step draws ``batch_size`` indices uniformly with
-replacement.
+**Sampling.** ``sampling="replacement"`` (default): each step draws ``batch_size``
+indices uniformly with replacement among the cell's n examples. Our choice: the
+paper's minibatch SGD is recalled only as "batch B" (papers.md §3); it is the
+cheapest scheme under ``vmap`` (the per-epoch argsort of ``"shuffle"`` costs more than
+the SGD step itself here) and exactly padding-independent. ``sampling="shuffle"``:
+random reshuffling -- each epoch a fresh uniform permutation of the cell's n
+examples, cut into ``n // batch_size`` batches (the ``n % batch_size`` examples at
+the end of a permutation are skipped that epoch).
 
 **Optimizers.** ``optimizer`` is a name of ``sam_jax.make_perturbation`` chained
 before ``optax.sgd(lr)`` (no momentum, no weight decay): ``"sgd"`` is plain minibatch
@@ -61,10 +62,11 @@ of the model's 2-class logits ``[-f/2, f/2]`` (identical, see ``patch_cnn``), me
 over the minibatch.
 
 **Metrics.** Evaluated at step 0 and every ``eval_every`` steps: masked train loss
-and train error (on the observed, possibly flipped labels), test error on a fresh
-test set of ``n_test`` examples from the same distribution (observed labels: the
-Bayes error is ``flip_prob``) and on its clean labels, plus whatever ``eval_hook``
-returns. A ``step_hook`` sees every step's minibatch, point and gradient; its values
+and train error (on the observed, possibly flipped labels), test error on
+``n_test`` fresh examples from the same distribution (observed labels: the Bayes
+error is ``flip_prob``) and on their clean labels -- drawn in the filters' 2m-dim
+projection, exact in distribution and independent of d (:func:`estimate_test_error`) -- plus
+whatever ``eval_hook`` returns. A ``step_hook`` sees every step's minibatch, point and gradient; its values
 are averaged over each ``eval_every`` window.
 """
 
@@ -100,15 +102,15 @@ class GridSpec:
       eval_every: steps between evaluations; ``None``: only at step 0 and the end.
       n_max: training examples every cell is padded to (>= every cell's n).
       dim_max: patch dimension every cell is padded to (>= every cell's d).
-      n_test: test examples per cell (generated and evaluated in chunks).
-      test_chunk: test examples per chunk (bounds the memory of the evaluation).
+      n_test: test examples per evaluation (drawn in the filters' 2m-dim
+        projection, see :func:`estimate_test_error`: the cost does not grow with d).
       num_patches: P (Kou et al. 2023 template: 2).
       width: m, filters per class (template: 10).
       sigma0: std of the filters' Gaussian initialization [recalled: "small"; the
         value is our choice, see the experiments].
       noise_std: sigma_p (template: 1).
       flip_prob: p, the label-flip probability (template: 0.1).
-      sampling: ``"shuffle"`` (per-epoch permutation) or ``"replacement"``.
+      sampling: ``"replacement"`` (default) or ``"shuffle"`` (per-epoch permutation).
       sam_eps: eps of ``sam_jax.sam``'s normalization (0: the paper's formula).
     """
 
@@ -119,13 +121,12 @@ class GridSpec:
     n_max: int = 20
     dim_max: int = 100
     n_test: int = 1000
-    test_chunk: int = 250
     num_patches: int = 2
     width: int = 10
     sigma0: float = 0.01
     noise_std: float = 1.0
     flip_prob: float = 0.1
-    sampling: str = "shuffle"
+    sampling: str = "replacement"
     sam_eps: float = 0.0
 
     def __post_init__(self):
@@ -141,8 +142,8 @@ class GridSpec:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every is not None and (self.eval_every < 1 or self.steps % self.eval_every):
             raise ValueError(f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
-        if self.n_test < 1 or self.test_chunk < 1 or self.n_test % min(self.test_chunk, self.n_test):
-            raise ValueError(f"n_test ({self.n_test}) must be a multiple of test_chunk ({self.test_chunk})")
+        if self.n_test < 1:
+            raise ValueError(f"n_test must be >= 1, got {self.n_test}")
 
     @property
     def num_windows(self) -> int:
@@ -268,10 +269,9 @@ def generate_cell(spec: GridSpec, cell: Cells) -> dict:
     return data
 
 
-def test_examples(spec: GridSpec, cell: Cells, data: dict, chunk) -> dict:
-    """Test examples ``chunk * test_chunk ...`` of a cell (same mu, own random stream)."""
-    size = min(spec.test_chunk, spec.n_test)
-    key = jax.random.fold_in(_keys(cell.seed)["test"], chunk)
+def explicit_test_set(spec: GridSpec, cell: Cells, data: dict, size: int, key=None) -> dict:
+    """``size`` explicit test examples of a cell (same mu; for checks, see :func:`estimate_test_error`)."""
+    key = jax.random.fold_in(_keys(cell.seed)["test"], 99) if key is None else key
     return _patches(key, size, data["signal"], data["unit"], data["dim_mask"], spec)
 
 
@@ -351,25 +351,64 @@ def _masked_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def margin_from_projections(signal_proj, noise_proj, clean_pm, width: int) -> jax.Array:
+    """The PatchCNN margin f from the filters' inner products with the patches.
+
+    f = F_{+1} - F_{-1}, F_j = (1/m) sum_r [relu(<w_{j,r}, yhat mu>) + sum_p relu(<w_{j,r}, xi_p>)]:
+    the patch order does not matter (the model sums over patches).
+
+    Args:
+      signal_proj: (2, m), <w_{j,r}, mu>.
+      noise_proj: (N, P-1, 2, m), <w_{j,r}, xi_{i,p}>.
+      clean_pm: (N,), yhat in {-1, +1}.
+      width: m.
+    """
+    signal = jax.nn.relu(clean_pm[:, None, None] * signal_proj[None])  # (N, 2, m)
+    noise = jax.nn.relu(noise_proj).sum(axis=1)  # (N, 2, m)
+    per_class = (signal + noise).sum(axis=-1) / width
+    return per_class[:, 1] - per_class[:, 0]
+
+
+def estimate_test_error(spec: GridSpec, cell: Cells, params, data: dict) -> tuple[jax.Array, jax.Array]:
+    """Test error (observed labels, clean labels) on ``n_test`` fresh examples, in 2m dimensions.
+
+    The model sees a noise patch xi only through its 2m inner products with the
+    filters, z = W xi, a Gaussian vector N(0, sigma_p^2 W_perp W_perp^T) with
+    W_perp = W (I - u u^T). Drawing z from that law (``n_test`` x (P-1) x 2m normals,
+    independent of d) instead of xi itself (x d) gives test errors with exactly the
+    distribution of those on explicit test examples (``tests/test_train_grid.py``
+    checks both against each other), at a cost independent of the dimension. The
+    standard normals are fixed per cell, so the curves over iterations use one test
+    sample (common random numbers) in whitened coordinates.
+    """
+    key = _keys(cell.seed)["test"]
+    k_label, k_flip, k_noise = (jax.random.fold_in(key, i) for i in range(3))
+    size, m = spec.n_test, spec.width
+    clean_pm = jnp.where(jax.random.uniform(k_label, (size,)) < 0.5, -1.0, 1.0)
+    flipped = jax.random.uniform(k_flip, (size,)) < spec.flip_prob
+    observed_pm = jnp.where(flipped, -clean_pm, clean_pm)
+    filters = params["filters"]  # (2, m, D)
+    signal_proj = jnp.einsum("jmd,d->jm", filters, data["signal"])
+    perp = filters - jnp.einsum("jmd,d->jm", filters, data["unit"])[..., None] * data["unit"]
+    flat = perp.reshape(2 * m, -1)
+    covariance = spec.noise_std ** 2 * flat @ flat.T
+    values, vectors = jnp.linalg.eigh(covariance)
+    root = vectors * jnp.sqrt(jnp.clip(values, 0.0))  # covariance = root root^T
+    standard = jax.random.normal(k_noise, (size, spec.num_patches - 1, 2 * m))
+    noise_proj = (standard @ root.T).reshape(size, spec.num_patches - 1, 2, m)
+    predicted_pm = jnp.where(margin_from_projections(signal_proj, noise_proj, clean_pm, m) > 0, 1.0, -1.0)
+    return jnp.mean(predicted_pm != observed_pm), jnp.mean(predicted_pm != clean_pm)
+
+
 def evaluate_cell(spec: GridSpec, cell: Cells, params, data: dict,
                   eval_hook: Optional[EvalHook] = None) -> dict:
     """Train loss / error (masked, observed labels), test error (observed and clean labels)."""
-    model = spec.model()
-    logits = model.apply({"params": params}, data["x"])
+    logits = spec.model().apply({"params": params}, data["x"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, data["y"])
     wrong = (jnp.argmax(logits, -1) != data["y"]).astype(jnp.float32)
     metrics = {"train_loss": _masked_mean(losses, data["mask"]),
                "train_err": _masked_mean(wrong, data["mask"])}
-
-    def chunk_errors(carry, chunk):
-        test = test_examples(spec, cell, data, chunk)
-        predicted = jnp.argmax(model.apply({"params": params}, test["x"]), -1)
-        errors = jnp.stack([jnp.sum(predicted != test["y"]), jnp.sum(predicted != test["clean_y"])])
-        return carry + errors.astype(jnp.float32), None
-
-    num_chunks = spec.n_test // min(spec.test_chunk, spec.n_test)
-    totals, _ = jax.lax.scan(chunk_errors, jnp.zeros(2), jnp.arange(num_chunks))
-    metrics["test_err"], metrics["test_err_clean"] = totals[0] / spec.n_test, totals[1] / spec.n_test
+    metrics["test_err"], metrics["test_err_clean"] = estimate_test_error(spec, cell, params, data)
     if eval_hook is not None:
         metrics.update(eval_hook(spec, cell, params, data))
     return metrics

@@ -1,0 +1,163 @@
+"""Speed-up of the vmapped phase-diagram trainer over a Python loop of the same jitted step.
+
+Run:  python -m benchmarks.grid_trainer              (about 3-6 minutes on 2 CPU cores)
+      python -m benchmarks.grid_trainer --quick      (a smaller grid, for a smoke check)
+
+Workload: the phase diagram of ``experiments.benign_overfitting`` at its ``cpu``
+shapes -- a 12 (n) x 12 (||mu||) grid x 5 seeds = 720 cells per optimizer, SGD and
+SAM (1,440 trainings), each ``--steps`` minibatch steps of the patch CNN plus its
+evaluation at step 0 and at the end (data generated inside JAX).
+
+* **Grid**: ``sam_jax.train.grid.train_grid`` -- one jitted ``vmap`` over the 720
+  cells around the ``lax.scan`` over steps, one call per optimizer.
+* **Loop**: the same math one cell at a time, driven from Python: a jitted
+  ``grid.init_state`` per cell, then ``--steps`` calls of the jitted single-cell
+  ``grid.train_step`` (the very function the grid scans), then the jitted
+  ``grid.evaluate_cell``. It uses the grid's padded shapes, so that one compilation
+  serves every cell (unpadded shapes would recompile for every distinct n: the loop
+  would only get slower). Looping all 1,440 cells would take most of an hour, so the
+  loop runs a sample of ``--loop-cells`` cells per optimizer, spread over the grid,
+  and its total is the median seconds per cell x 720 (``loop_total_est``).
+
+Both are timed after compilation (compile time reported separately), in one process
+with the thread count pinned (``--threads``: CPU affinity and XLA's intra-op pool),
+interleaved over ``--repeats`` rounds so that both see the same machine load; the
+medians over rounds are reported. Target (issue 9): speed-up >= 20x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def pin_threads(threads: int) -> None:
+    """Pin this process to ``threads`` CPUs and XLA:CPU's pool to as many threads (before jax loads)."""
+    if "jax" in sys.modules:
+        raise RuntimeError("pin_threads must run before jax is imported")
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
+                              f"intra_op_parallelism_threads={threads}".strip()
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop-cells", type=int, default=6, help="sampled cells per optimizer for the loop")
+    parser.add_argument("--quick", action="store_true", help="4 x 4 x 2 grid, 50 steps, 1 repeat")
+    args = parser.parse_args(argv)
+    pin_threads(args.threads)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sam_jax.train import grid
+
+    if args.quick:
+        args.steps, args.repeats, args.loop_cells = 50, 1, 3
+        ns, norms, seeds = np.geomspace(10, 200, 4).round(), np.geomspace(0.3, 10, 4), range(2)
+    else:
+        ns, norms, seeds = np.geomspace(10, 200, 12).round(), np.geomspace(0.3, 10, 12), range(5)
+    dim, batch = 200, 10
+    cells = grid.make_cells(n=ns.astype(int), dim=dim, signal_norm=norms, tau=0.5, lr=0.1, seed=seeds)
+    specs = {name: grid.GridSpec(optimizer=name, steps=args.steps, batch_size=batch, n_max=int(ns.max()),
+                                 dim_max=dim, n_test=1000)
+             for name in ("sgd", "sam")}
+    sample = np.linspace(0, cells.size - 1, args.loop_cells).round().astype(int)
+    print(f"grid: {len(ns)} n x {len(norms)} ||mu|| x {len(list(seeds))} seeds = {cells.size} cells per "
+          f"optimizer, d = {dim}, batch {batch}, {args.steps} steps, P = 2, m = 10; "
+          f"threads pinned to {args.threads}; loop: {args.loop_cells} sampled cells per optimizer",
+          flush=True)
+
+    def block(tree):
+        return jax.block_until_ready(tree)
+
+    loop_fns = {}
+    for name, spec in specs.items():
+        loop_fns[name] = (jax.jit(grid.init_state, static_argnums=0),
+                          jax.jit(grid.train_step, static_argnums=0),
+                          jax.jit(grid.evaluate_cell, static_argnums=0))
+
+    def run_loop(name, index):
+        spec = specs[name]
+        init, step, evaluate = loop_fns[name]
+        cell = grid.Cells(*(jnp.asarray(np.asarray(v)[index]) for v in cells))
+        data, state = init(spec, cell)
+        first = evaluate(spec, cell, state.params, data)
+        for t in range(spec.steps):
+            state, _ = step(spec, cell, data, state, t)
+        last = evaluate(spec, cell, state.params, data)
+        return block((first, last, state.params))
+
+    def run_grid(name):
+        return grid.train_grid(specs[name], cells)  # returns numpy: already synchronized
+
+    compile_s, grid_s, loop_s = {}, {n: [] for n in specs}, {n: [] for n in specs}
+    for name in specs:  # first calls: compilation (+ one execution)
+        t0 = time.perf_counter()
+        run_grid(name)
+        t1 = time.perf_counter()
+        run_loop(name, 0)
+        t2 = time.perf_counter()
+        compile_s[name] = {"grid_first_call": t1 - t0, "loop_first_cell": t2 - t1}
+        print(f"{name}: first grid call (compile + run) {t1 - t0:.1f} s, first loop cell "
+              f"(compile + run) {t2 - t1:.1f} s", flush=True)
+
+    checks = {}
+    for r in range(args.repeats):
+        for name in specs:
+            t0 = time.perf_counter()
+            result = run_grid(name)
+            grid_s[name].append(time.perf_counter() - t0)
+            per_cell = []
+            for i in sample:
+                t0 = time.perf_counter()
+                params = run_loop(name, int(i))[2]
+                per_cell.append(time.perf_counter() - t0)
+                checks.setdefault(name, []).append(
+                    float(np.max(np.abs(np.asarray(params["filters"]) - result.params["filters"][i]))))
+            loop_s[name].append(statistics.median(per_cell))
+            print(f"round {r + 1}/{args.repeats} {name}: grid {grid_s[name][-1]:.2f} s, loop median "
+                  f"{loop_s[name][-1]:.3f} s per cell", flush=True)
+
+    rows, out = [], {}
+    for name in specs:
+        g = statistics.median(grid_s[name])
+        per_cell = statistics.median(loop_s[name])
+        loop_total = per_cell * cells.size
+        out[name] = {"grid_s": g, "loop_per_cell_s": per_cell, "loop_total_est_s": loop_total,
+                     "speedup": loop_total / g, "max_abs_param_diff": max(checks[name]), **compile_s[name]}
+        rows.append((name.upper(), f"{g:.2f}", f"{1e3 * g / cells.size:.2f}", f"{1e3 * per_cell:.1f}",
+                     f"{loop_total:.0f}", f"{loop_total / g:.1f}x",
+                     f"{compile_s[name]['grid_first_call']:.1f}", f"{max(checks[name]):.1e}"))
+    g_all = sum(out[n]["grid_s"] for n in specs)
+    l_all = sum(out[n]["loop_total_est_s"] for n in specs)
+    rows.append(("both", f"{g_all:.2f}", f"{1e3 * g_all / (2 * cells.size):.2f}", "", f"{l_all:.0f}",
+                 f"{l_all / g_all:.1f}x", "", ""))
+    header = ("optimizer", "grid s", "grid ms/cell", "loop ms/cell", "loop total est s", "speed-up",
+              "grid 1st call s", "max |Δparams| loop vs grid")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print()
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+    print(f"\nmedians over {args.repeats} interleaved rounds; compile excluded (the '1st call' "
+          f"column is compile + one run); loop total = median s per sampled cell x {cells.size}. "
+          f"Target >= 20x: {'met' if l_all / g_all >= 20 else 'NOT met'} ({l_all / g_all:.1f}x).")
+    return out
+
+
+if __name__ == "__main__":
+    main()
