@@ -36,6 +36,8 @@ Claims tested (criteria printed with each verdict; paired over seeds, 95 % t-CIs
 * EGR ≠ SAM: the CI of EGR − SAM in final train loss, test loss or λ_max excludes 0
   (at first order they are the same method, so a difference is the higher-order
   terms at work); likewise anti-EGR ≠ Reverse-SAM.
+  A method that diverges (NaN loss) in seeds where its partner does not also
+  counts as differing; diverged runs are reported and left out of means and pairs.
 * the paper's conclusion ("SAM's effect is not only gradient-norm regularization")
   holds at a ρ if either pair differs; if neither does, the runs are consistent with
   the first-order picture at that ρ (or too noisy to tell: the CIs say which).
@@ -236,9 +238,33 @@ def record_run(result) -> dict:
     }
 
 
+def diverged_record(cfg: CounterConfig, workdir: Path, error: Exception) -> dict:
+    """The record of a run that diverged: its logged epochs, NaN afterwards and at the end."""
+    import json
+
+    path = workdir / "metrics.jsonl"
+    history = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+               if path.exists() else [])
+    pad = lambda key: ([h.get(key, float("nan")) for h in history]  # noqa: E731
+                       + [float("nan")] * (cfg.epochs - len(history)))
+    nan = float("nan")
+    return {
+        "epoch": list(range(1, cfg.epochs + 1)),
+        "train_loss": pad("train_loss"), "train_acc": pad("train_acc"),
+        "test_loss": pad("test_loss"), "test_acc": pad("test_acc"), "grad_norm": pad("grad_norm"),
+        "final_train_loss": nan, "final_test_loss": nan, "final_test_acc": nan,
+        "lambda_max": nan, "lambda_2": nan, "lambda_bn_mode": cfg.lambda_bn_mode,
+        "lambda_examples": None, "grad_evals": history[-1]["grad_evals"] if history else 0.0,
+        "median_epoch_time_s": float(np.median([h["epoch_time"] for h in history]))
+        if history else nan,
+        "wall_time_s": history[-1]["wall_time"] if history else None,
+        "diverged": True, "diverged_in_epoch": len(history), "error": str(error),
+    }
+
+
 def run_all(cfg: CounterConfig, seeds: Sequence[int], workdir: Path) -> dict:
     """Every run; returns ``{run_name: {seed: record}}``."""
-    from sam_jax.train import run
+    from sam_jax.train import TrainingDiverged, run
 
     register_anti_egr()
     runs = run_list(cfg)
@@ -247,14 +273,21 @@ def run_all(cfg: CounterConfig, seeds: Sequence[int], workdir: Path) -> dict:
     for method, rho in runs:  # method-major: each compiled step serves all seeds in a row
         name = run_name(method, rho)
         for seed in seeds:
-            result = run(make_train_config(cfg, workdir / "runs" / name / f"seed{seed}",
-                                           method, rho, seed))
+            where = workdir / "runs" / name / f"seed{seed}"
+            label = f"seed {seed} {LABELS[method]}{'' if rho is None else f' ρ={rho:g}'}"
+            try:
+                result = run(make_train_config(cfg, where, method, rho, seed))
+            except TrainingDiverged as error:  # a result too: recorded, not fatal
+                rec = diverged_record(cfg, where, error)
+                rec.update(method=method, rho=rho, seed=seed)
+                out.setdefault(name, {})[seed] = rec
+                progress.finished(f"{label}: DIVERGED in epoch {rec['diverged_in_epoch']}")
+                continue
             rec = record_run(result)
-            rec.update(method=method, rho=rho, seed=seed)
+            rec.update(method=method, rho=rho, seed=seed, diverged=False)
             out.setdefault(name, {})[seed] = rec
             progress.finished(
-                f"seed {seed} {LABELS[method]}{'' if rho is None else f' ρ={rho:g}'}: "
-                f"test loss {rec['final_test_loss']:.4f}, λ_max {rec['lambda_max']:.2f}",
+                f"{label}: test loss {rec['final_test_loss']:.4f}, λ_max {rec['lambda_max']:.2f}",
                 reused=result.resumed_from >= cfg.epochs)
     return out
 
@@ -267,19 +300,35 @@ def summarize(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> list[d
     for method, rho in run_list(cfg):
         name = run_name(method, rho)
         recs = [per_run[name][s] for s in seeds]
-        row = {"run": name, "method": method, "rho": rho}
+        row = {"run": name, "method": method, "rho": rho,
+               "diverged": sum(bool(r.get("diverged")) for r in recs), "seeds": len(recs)}
         for key in ("final_train_loss", "final_test_loss", "final_test_acc", "lambda_max",
                     "lambda_2", "grad_evals", "median_epoch_time_s"):
-            values = [r[key] for r in recs]
-            row[key] = {**common.mean_std(values), "ci95": common.ci_half_width(values)}
+            values = [r[key] for r in recs if np.isfinite(r[key])]  # diverged runs excluded
+            row[key] = ({**common.mean_std(values), "ci95": common.ci_half_width(values)}
+                        if values else {"mean": float("nan"), "std": float("nan"), "n": 0,
+                                        "values": [], "ci95": float("nan")})
         rows.append(row)
     return rows
 
 
+def paired(a, b) -> dict:
+    """``common.paired_difference`` over the seeds where both runs finished (a diverged
+    run has NaN metrics); with no such pair, NaNs (excludes nothing)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if not ok.any():
+        nan = float("nan")
+        return {"mean": nan, "std": nan, "n": 0, "values": [], "ci_low": nan, "ci_high": nan,
+                "level": 0.95}
+    return common.paired_difference(a[ok], b[ok])
+
+
 def claims(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> dict:
     """The verdicts (see the module docstring), per ρ, with the paired differences."""
-    get = lambda name, key: np.array([per_run[name][s][key] for s in seeds])  # noqa: E731
+    get = lambda name, key: np.array([per_run[name][s][key] for s in seeds], float)  # noqa: E731
     excludes0 = lambda p: bool(p["ci_low"] > 0 or p["ci_high"] < 0)  # noqa: E731
+    diverged = lambda name: sum(bool(per_run[name][s].get("diverged")) for s in seeds)  # noqa: E731
     metrics = (("final_train_loss", "train_loss"), ("final_test_loss", "test_loss"),
                ("lambda_max", "lambda_max"))
     out = {"per_rho": []}
@@ -288,20 +337,24 @@ def claims(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> dict:
         d = {"rho": rho}
         for key, short in metrics:
             sgd_v, sam_v, rev_v, egr_v, anti_v = (get(n, key) for n in ("sgd", sam_, rev, egr_, anti))
-            d[f"egr_minus_sam_{short}"] = common.paired_difference(egr_v, sam_v)
-            d[f"anti_egr_minus_reverse_{short}"] = common.paired_difference(anti_v, rev_v)
-            d[f"sam_minus_sgd_{short}"] = common.paired_difference(sam_v, sgd_v)
-            d[f"reverse_minus_sgd_{short}"] = common.paired_difference(rev_v, sgd_v)
+            d[f"egr_minus_sam_{short}"] = paired(egr_v, sam_v)
+            d[f"anti_egr_minus_reverse_{short}"] = paired(anti_v, rev_v)
+            d[f"sam_minus_sgd_{short}"] = paired(sam_v, sgd_v)
+            d[f"reverse_minus_sgd_{short}"] = paired(rev_v, sgd_v)
             # How much of SAM's (Reverse-SAM's) effect on this metric its first-order
-            # model reproduces: 1 = all of it (ratio of mean paired effects).
-            sam_effect, rev_effect = np.mean(sam_v - sgd_v), np.mean(rev_v - sgd_v)
-            d[f"egr_share_of_sam_effect_{short}"] = (
-                float(np.mean(egr_v - sgd_v) / sam_effect) if sam_effect else None)
-            d[f"anti_egr_share_of_reverse_effect_{short}"] = (
-                float(np.mean(anti_v - sgd_v) / rev_effect) if rev_effect else None)
-        d["egr_differs_from_sam"] = any(excludes0(d[f"egr_minus_sam_{m}"]) for _, m in metrics)
-        d["anti_egr_differs_from_reverse"] = any(
-            excludes0(d[f"anti_egr_minus_reverse_{m}"]) for _, m in metrics)
+            # model reproduces: 1 = all of it (ratio of mean paired effects, over the
+            # seeds where all three runs finished).
+            d[f"egr_share_of_sam_effect_{short}"] = _share(egr_v, sam_v, sgd_v)
+            d[f"anti_egr_share_of_reverse_effect_{short}"] = _share(anti_v, rev_v, sgd_v)
+        d["diverged"] = {m: diverged(run_name(m, rho)) for m in METHODS}
+        d["diverged"]["sgd"] = diverged("sgd")
+        # A pair differs if a CI excludes 0, or if one method diverges in seeds where
+        # the other does not (a qualitative difference).
+        d["egr_differs_from_sam"] = (any(excludes0(d[f"egr_minus_sam_{m}"]) for _, m in metrics)
+                                     or d["diverged"]["egr"] != d["diverged"]["sam"])
+        d["anti_egr_differs_from_reverse"] = (
+            any(excludes0(d[f"anti_egr_minus_reverse_{m}"]) for _, m in metrics)
+            or d["diverged"]["anti_egr"] != d["diverged"]["reverse_sam"])
         rs = d["reverse_minus_sgd_lambda_max"]
         d["reverse_vs_sgd_sharpness"] = ("sharper" if rs["ci_low"] > 0 else
                                          "flatter" if rs["ci_high"] < 0 else "no detectable difference")
@@ -309,15 +362,25 @@ def claims(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> dict:
         d["not_only_gradient_norm"] = d["egr_differs_from_sam"] or d["anti_egr_differs_from_reverse"]
         out["per_rho"].append(d)
     out["not_only_gradient_norm_any_rho"] = any(d["not_only_gradient_norm"] for d in out["per_rho"])
+    out["seeds"] = list(seeds)
     return out
 
 
+def _share(model_v, method_v, sgd_v) -> float | None:
+    ok = np.isfinite(model_v) & np.isfinite(method_v) & np.isfinite(sgd_v)
+    effect = float(np.mean(method_v[ok] - sgd_v[ok])) if ok.any() else 0.0
+    if not effect:
+        return None
+    return float(np.mean(model_v[ok] - sgd_v[ok]) / effect)
+
+
 def format_rows(rows: list[dict]) -> str:
-    header = ["method", "ρ", "train loss", "test loss", "test acc %", "λ_max", "λ_2",
+    header = ["method", "ρ", "diverged", "train loss", "test loss", "test acc %", "λ_max", "λ_2",
               "grad evals (run)", "epoch time s"]
     table = []
     for r in rows:
         table.append([LABELS[r["method"]], "—" if r["rho"] is None else f"{r['rho']:g}",
+                      f"{r['diverged']}/{r['seeds']}",
                       common.fmt_mean_std(r["final_train_loss"], 4),
                       common.fmt_mean_std(r["final_test_loss"], 4),
                       common.fmt_mean_std(r["final_test_acc"], 2, 100),
@@ -347,10 +410,13 @@ def verdict_lines(claim: dict) -> list[str]:
             f"{share(d['egr_share_of_sam_effect_train_loss'])}; anti-EGR/Reverse-SAM λ_max "
             f"{share(d['anti_egr_share_of_reverse_effect_lambda_max'])}, train loss "
             f"{share(d['anti_egr_share_of_reverse_effect_train_loss'])}",
+            f"  diverged runs (of {len(claim['seeds'])} seeds; excluded from the means and "
+            f"pairs): " + ", ".join(f"{LABELS[m].split(' (')[0]} {k}" for m, k in d["diverged"].items()),
             f"  SAM flatter than SGD (CI of λ_max difference < 0): {yes(d['sam_flatter_than_sgd'])}",
             f"  Reverse-SAM vs SGD λ_max (first order predicts sharper): "
             f"{d['reverse_vs_sgd_sharpness']}",
-            f"  EGR differs from SAM (CI of train loss, test loss or λ_max excludes 0): "
+            f"  EGR differs from SAM (CI of train loss, test loss or λ_max excludes 0, or "
+            f"different divergence counts): "
             f"{yes(d['egr_differs_from_sam'])}",
             f"  anti-EGR differs from Reverse-SAM (same criterion): "
             f"{yes(d['anti_egr_differs_from_reverse'])}",
@@ -403,10 +469,12 @@ def plot(cfg: CounterConfig, per_run: dict, seeds: Sequence[int], path, scale: s
     pos = 0
     for method, rho in run_list(cfg):
         name = run_name(method, rho)
-        values = [per_run[name][s]["lambda_max"] for s in seeds]
-        names.append(LABELS[method].split(" (")[0] + ("" if rho is None else f"\nρ={rho:g}"))
+        values = [v for v in (per_run[name][s]["lambda_max"] for s in seeds) if np.isfinite(v)]
+        lost = len(seeds) - len(values)
+        names.append(LABELS[method].split(" (")[0] + ("" if rho is None else f"\nρ={rho:g}")
+                     + (f"\n({lost} diverged)" if lost else ""))
         xs.append(pos)
-        means.append(np.mean(values))
+        means.append(np.mean(values) if values else np.nan)
         halves.append(common.ci_half_width(values))
         cols.append(colors[method])
         ax.scatter([pos] * len(values), values, s=8, color="k", zorder=3, alpha=0.6)

@@ -103,7 +103,9 @@ def _records(lam, loss):
     out = {}
     for name, values in lam.items():
         out[name] = {s: {"lambda_max": v, "final_test_loss": loss[name][s],
-                         "final_train_loss": 0.0} for s, v in enumerate(values)}
+                         "final_train_loss": 0.0, "final_test_acc": 0.9, "lambda_2": 0.0,
+                         "grad_evals": 1.0, "median_epoch_time_s": 1.0}
+                     for s, v in enumerate(values)}
     return out
 
 
@@ -138,6 +140,31 @@ def test_claims_first_order_models_matching_say_no_and_gaps_say_yes():
     d = ce.claims(cfg, recs, seeds)["per_rho"][0]
     assert d["egr_minus_sam_train_loss"]["ci_high"] < 0
     assert d["egr_differs_from_sam"] and d["not_only_gradient_norm"]
+
+
+def test_a_diverged_run_is_left_out_of_the_pairs_and_counts_as_a_difference():
+    cfg = ce.CounterConfig(dataset="mnist1d", model="mlp", epochs=1, rhos=(0.1,), seeds=(0,))
+    seeds = [0, 1, 2, 3]
+    sgd = np.array([2.0, 2.4, 1.8, 2.2])
+    noise = np.array([0.01, -0.02, 0.015, -0.005])
+    lam = {"sgd": sgd, "sam_rho0.1": sgd - 0.5 + noise, "reverse_sam_rho0.1": sgd + 3.0 - noise,
+           "egr_rho0.1": sgd - 0.5 + noise[::-1],
+           "anti_egr_rho0.1": np.array([np.nan, 5.4, 4.8, 5.2])}   # seed 0 diverged
+    loss = {k: np.full(4, 0.3) for k in lam}
+    recs = _records(lam, loss)
+    recs["anti_egr_rho0.1"][0].update(diverged=True, final_test_loss=np.nan,
+                                      final_train_loss=np.nan)
+    d = ce.claims(cfg, recs, seeds)["per_rho"][0]
+    assert d["diverged"] == {"sam": 0, "reverse_sam": 0, "egr": 0, "anti_egr": 1, "sgd": 0}
+    pair = d["anti_egr_minus_reverse_lambda_max"]
+    assert pair["n"] == 3
+    assert pair["mean"] == pytest.approx(np.mean(lam["anti_egr_rho0.1"][1:]
+                                                 - lam["reverse_sam_rho0.1"][1:]))
+    assert d["anti_egr_differs_from_reverse"] and not d["egr_differs_from_sam"]
+    rows = ce.summarize(cfg, recs, seeds)
+    anti = next(r for r in rows if r["run"] == "anti_egr_rho0.1")
+    assert anti["diverged"] == 1 and anti["lambda_max"]["n"] == 3
+    assert anti["lambda_max"]["mean"] == pytest.approx(5.133333333)
 
 
 @pytest.fixture(scope="module")
