@@ -125,6 +125,15 @@ def test_minibatches_only_use_real_examples_and_ignore_padding(sampling):
 # ---------------------------------------------------------------------- the step
 
 
+def test_fast_logits_equal_the_flax_patch_cnn():
+    spec = GridSpec(width=4, dim_max=7, num_patches=3)
+    model = spec.model()
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, 3, 7))
+    variables = model.init(jax.random.PRNGKey(3), x)
+    np.testing.assert_allclose(grid.patch_logits(spec, variables["params"], x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_loss_is_the_logistic_loss():
     spec = GridSpec(width=3, dim_max=5)
     params = {"filters": jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5))}

@@ -284,10 +284,25 @@ def init_params(spec: GridSpec, cell: Cells, data: dict) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
+def patch_logits(spec: GridSpec, params, x) -> jax.Array:
+    """The PatchCNN's 2-class logits ``[-f/2, f/2]`` (``PatchCNN(num_classes=2).apply``).
+
+    The same function as the Flax module, written as one (N P, d) x (d, 2m) matmul:
+    under ``vmap`` over cells XLA:CPU runs this ~2x faster than the module's
+    ``einsum("npd,jmd->njmp")`` (measured here). ``tests/test_train_grid.py`` checks
+    that both give the same logits.
+    """
+    filters = params["filters"]  # (2, m, d)
+    n, num_patches, dim = x.shape
+    pre = x.reshape(n * num_patches, dim) @ filters.reshape(2 * spec.width, dim).T
+    per_class = jax.nn.relu(pre).reshape(n, num_patches, 2, spec.width).sum(axis=(1, 3)) / spec.width
+    margin = per_class[:, 1] - per_class[:, 0]
+    return jnp.stack([-margin / 2, margin / 2], axis=-1)
+
+
 def loss_fn(spec: GridSpec, params, x, y) -> jax.Array:
-    """Mean logistic loss of the PatchCNN on (x, y)."""
-    logits = spec.model().apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    """Mean logistic loss ``log(1 + exp(-y f))``: softmax cross-entropy of the 2-class logits."""
+    return optax.softmax_cross_entropy_with_integer_labels(patch_logits(spec, params, x), y).mean()
 
 
 def make_optimizer(spec: GridSpec, tau, lr) -> optax.GradientTransformationExtraArgs:
@@ -336,7 +351,9 @@ def train_step(spec: GridSpec, cell: Cells, data: dict, state: TrainState, step,
     the benchmark's Python loop jits it alone.
     """
     index = batch_indices(spec, cell, step)
-    batch = {k: data[k][index] for k in ("x", "y", "clean_y", "flipped", "noise", "position")}
+    rows = lambda a: jax.vmap(lambda i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False))(index)  # noqa: E731
+    # (a vmapped dynamic index: ~4x faster than fancy indexing under the grid's vmap)
+    batch = {k: rows(data[k]) for k in ("x", "y", "clean_y", "flipped", "noise", "position")}
     grad_fn = lambda p: jax.grad(loss_fn, argnums=1)(spec, p, batch["x"], batch["y"])  # noqa: E731
     loss, grads = jax.value_and_grad(loss_fn, argnums=1)(spec, state.params, batch["x"], batch["y"])
     tx = make_optimizer(spec, cell.tau, cell.lr)
@@ -403,7 +420,7 @@ def estimate_test_error(spec: GridSpec, cell: Cells, params, data: dict) -> tupl
 def evaluate_cell(spec: GridSpec, cell: Cells, params, data: dict,
                   eval_hook: Optional[EvalHook] = None) -> dict:
     """Train loss / error (masked, observed labels), test error (observed and clean labels)."""
-    logits = spec.model().apply({"params": params}, data["x"])
+    logits = patch_logits(spec, params, data["x"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, data["y"])
     wrong = (jnp.argmax(logits, -1) != data["y"]).astype(jnp.float32)
     metrics = {"train_loss": _masked_mean(losses, data["mask"]),
