@@ -164,6 +164,11 @@ def test_train_configs_branch_from_the_sgd_run(tmp_path):
     assert late.init_from == str(tmp_path / "sgd") and late.init_step == setup.switch_epoch
     assert "label_noise" not in ln.make_train_config(
         setup, tmp_path / "c", "sgd", 0.0, 3, tmp_path).dataset_kwargs
+    # Every preset's configs pass the engine's validation (paper: configured, not run).
+    for preset in ln.SCALE_PRESETS.values():
+        for s in preset.setups:
+            for kind in ln.RUN_KINDS:
+                ln.make_train_config(s, tmp_path / kind, kind, 0.4, 0, tmp_path).validate()
 
 
 def test_prune_checkpoints_keeps_listed_epochs(tmp_path):
