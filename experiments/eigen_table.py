@@ -11,17 +11,24 @@ WRN-28-10, with Eigen-SAM's α tuned in {0.05, 0.1, 0.2} on a 10 % validation sp
    carve, so the validation labels are as noisy as the training labels — selection
    uses only what a practitioner has; the clean-label validation accuracy is
    recorded too). The test split is never used for any choice;
-2. per seed: SGD, SAM and Eigen-SAM at each α, all from the same initialization and
-   data order (the run seed), so differences are paired;
-3. α* = the α with the best validation accuracy averaged over seeds (ties: smaller
-   α); the table reports α*'s test accuracy, and the paired difference
-   Eigen-SAM(α*) − SAM with a 95 % t-interval over seeds (α* is chosen on the same
-   seeds' validation runs, never on test);
+2. per seed: SGD, SAM at each ρ of the grid, then Eigen-SAM at SAM's chosen ρ* and
+   each α, all from the same initialization and data order (the run seed), so
+   differences are paired;
+3. ρ* = the ρ with SAM's best validation accuracy averaged over seeds, then α* = the
+   α with Eigen-SAM's (at ρ*) best validation accuracy (ties: the smaller value);
+   SAM and Eigen-SAM thus share ρ*, and each gets the same number of validation
+   choices (3). The table reports the test accuracy of SAM(ρ*) and
+   Eigen-SAM(ρ*, α*), and the paired difference Eigen-SAM − SAM with a 95 %
+   t-interval over seeds (the choices use the same seeds' validation runs, never
+   test);
 4. cost: gradient evaluations of each run (engine's ``grad_evals``: an HVP counts 2)
    and the median epoch wall time (epoch 0, which compiles, excluded), as ratios
    Eigen-SAM / SAM.
 
-ρ is the same for SAM and Eigen-SAM (the preset's ``rho``); SAM's ρ is *not* tuned.
+ρ: SAM's ρ is tuned on the validation split over the preset's ``rhos`` and Eigen-SAM
+uses the same ρ* (a one-value grid means no tuning: the paper preset). The CPU grid
+{0.02, 0.05, 0.1} is ours: a first run at a fixed ρ = 0.1 left SAM on the width-8
+6-layer CNN on digits at chance (a constant predictor) for all 30 epochs.
 Eigen-SAM's refresh uses the engine's per-epoch counter (the released code's): the
 interval ``refresh_every`` defaults to ceil(steps_per_epoch · 100/195), which gives
 one refresh per epoch at about the middle of the epoch, as the released code does on
@@ -92,7 +99,7 @@ class TableConfig:
 
     Attributes:
       settings: the dataset settings.
-      rho: SAM's and Eigen-SAM's radius (not tuned).
+      rhos: SAM's radius grid; ρ* (validation) is also Eigen-SAM's radius.
       alphas: Eigen-SAM's α grid ({0.05, 0.1, 0.2} [recalled]).
       seeds: default seeds (≥ 5 for the table).
       validation_fraction, validation_seed: the held-out carve of the train split.
@@ -103,7 +110,7 @@ class TableConfig:
     """
 
     settings: tuple[Setting, ...]
-    rho: float
+    rhos: tuple[float, ...]
     seeds: tuple[int, ...]
     alphas: tuple[float, ...] = (0.05, 0.1, 0.2)
     validation_fraction: float = 0.1
@@ -113,8 +120,8 @@ class TableConfig:
     train: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.rho <= 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
+        if not self.rhos or any(r <= 0 for r in self.rhos):
+            raise ValueError(f"rhos must be non-empty and > 0, got {self.rhos}")
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ValueError(f"alphas must be non-empty and > 0, got {self.alphas}")
         if not 0 < self.validation_fraction < 1:
@@ -134,14 +141,14 @@ SCALE_PRESETS: dict[str, TableConfig] = {
             Setting("mnist1d_noise20", "mnist1d", (("mlp", {"width": 16}),), epochs=2,
                     dataset_kwargs={"num_samples": 600, "label_noise": 0.2}),
         ),
-        rho=0.1, seeds=(0, 1), alphas=(0.1, 0.2),
+        rhos=(0.05, 0.1), seeds=(0, 1), alphas=(0.1, 0.2),
         train={**_SHARED, "lr": 0.05, "batch_size": 32, "steps_per_epoch": 5}),
     # Minutes on 2 CPU cores. MNIST-1D (4000 train → 3600 after the carve / 1000 test),
     # clean and with 20 % symmetric label noise: MLP (2 × 100 hidden) and the MNIST-1D
     # CNN; sklearn digits (1437 → 1293 / 360, 8×8×1): MLP (2 × 64) and the 6-layer CNN
     # at width 8 (channels 8/16/32; three 2×2 pools take 8×8 to 1×1). Batch 32,
-    # cosine lr 0.05, momentum 0.9, wd 5e-4, ρ = 0.1 (the released README's ρ [code]):
-    # our choices for this scale, not the paper's.
+    # cosine lr 0.05, momentum 0.9, wd 5e-4, SAM's ρ tuned in {0.02, 0.05, 0.1} (0.1 is
+    # the released README's ρ [code]): our choices for this scale, not the paper's.
     "cpu": TableConfig(
         settings=(
             Setting("mnist1d", "mnist1d", (("mlp", {"width": 100}), ("cnn1d", {})), epochs=30),
@@ -150,7 +157,7 @@ SCALE_PRESETS: dict[str, TableConfig] = {
             Setting("mnist1d_noise20", "mnist1d", (("mlp", {"width": 100}), ("cnn1d", {})),
                     epochs=30, dataset_kwargs={"label_noise": 0.2}),
         ),
-        rho=0.1, seeds=(0, 1, 2, 3, 4),
+        rhos=(0.02, 0.05, 0.1), seeds=(0, 1, 2, 3, 4),
         train={**_SHARED, "lr": 0.05, "batch_size": 32}),
     # The paper's table (papers.md §1): batch 256, 200 epochs, lr 0.1 (SVHN 0.01),
     # cosine, momentum 0.9, α ∈ {0.05, 0.1, 0.2} on a 10 % validation split — all
@@ -164,7 +171,7 @@ SCALE_PRESETS: dict[str, TableConfig] = {
             Setting(name, name, (("resnet18", {}), ("resnet50", {}), ("wrn28_10", {})),
                     epochs=200, train={"lr": 0.01 if name == "svhn" else 0.1})
             for name in ("cifar10", "cifar100", "fashion_mnist", "svhn")),
-        rho=0.1, seeds=(0, 1, 2, 3, 4), refresh_every=100,
+        rhos=(0.1,), seeds=(0, 1, 2, 3, 4), refresh_every=100,
         train={**_SHARED, "lr": 0.1, "batch_size": 256}),
 }
 
@@ -210,35 +217,46 @@ def refresh_every(cfg: TableConfig, steps: int) -> int:
     return max(1, math.ceil(steps * PAPER_REFRESH_FRACTION))
 
 
-def methods(cfg: TableConfig) -> list[tuple[str, float | None]]:
-    """(method, α) of every run of one (setting, model, seed)."""
-    return [("sgd", None), ("sam", None)] + [("eigen_sam", a) for a in cfg.alphas]
+def sam_runs(cfg: TableConfig) -> list[tuple[str, float | None, float | None]]:
+    """Stage 1 of one (setting, model, seed): (method, ρ, α) of SGD and SAM at each ρ."""
+    return [("sgd", None, None)] + [("sam", r, None) for r in cfg.rhos]
 
 
-def run_name(method: str, alpha: float | None) -> str:
-    return method if alpha is None else f"{method}_alpha{alpha:g}"
+def eigen_runs(cfg: TableConfig, rho: float) -> list[tuple[str, float, float]]:
+    """Stage 2: Eigen-SAM at SAM's chosen ρ* and each α."""
+    return [("eigen_sam", rho, a) for a in cfg.alphas]
 
 
-def phases(cfg: TableConfig, setting: Setting, method: str, alpha: float | None,
-           refresh: int) -> str:
+def run_name(method: str, rho: float | None = None, alpha: float | None = None) -> str:
+    name = method
+    if rho is not None:
+        name += f"_rho{rho:g}"
+    if alpha is not None:
+        name += f"_alpha{alpha:g}"
+    return name
+
+
+def phases(cfg: TableConfig, setting: Setting, method: str, rho: float | None,
+           alpha: float | None, refresh: int) -> str:
     if method == "sgd":
         return f"sgd:{setting.epochs}"
     if method == "sam":
-        return f"sam:{setting.epochs}:{cfg.rho}"
-    return (f"eigen_sam:{setting.epochs}:{cfg.rho}:alpha={alpha}:refresh_every={refresh}"
+        return f"sam:{setting.epochs}:{rho}"
+    return (f"eigen_sam:{setting.epochs}:{rho}:alpha={alpha}:refresh_every={refresh}"
             f":power_iters={cfg.power_iters}:refresh_counter=epoch")
 
 
 def make_train_config(cfg: TableConfig, setting: Setting, model: str, model_kwargs: dict,
-                      method: str, alpha: float | None, refresh: int, seed: int,
-                      workdir: Path):
+                      method: str, rho: float | None, alpha: float | None, refresh: int,
+                      seed: int, workdir: Path):
     from sam_jax.train import TrainConfig
 
     return TrainConfig(
         workdir=str(workdir), dataset=setting.dataset,
         dataset_kwargs=dataset_kwargs(cfg, setting), model=model,
-        model_kwargs=dict(model_kwargs), phases=phases(cfg, setting, method, alpha, refresh),
-        rho=cfg.rho, seed=seed, keep_last=1, checkpoint_every=setting.epochs,
+        model_kwargs=dict(model_kwargs),
+        phases=phases(cfg, setting, method, rho, alpha, refresh),
+        rho=rho if rho is not None else 0.05, seed=seed, keep_last=1, checkpoint_every=setting.epochs,
         eval_every=setting.epochs, progress=False, **train_fields(cfg, setting))
 
 
@@ -254,7 +272,8 @@ def run_all(cfg: TableConfig, seeds: Sequence[int], workdir: Path) -> dict:
     from sam_jax.optim.eigen_sam import refreshes_per_epoch
     from sam_jax.train import run
 
-    total = sum(len(s.models) for s in cfg.settings) * len(seeds) * len(methods(cfg))
+    runs_per_seed = 1 + len(cfg.rhos) + len(cfg.alphas)
+    total = sum(len(s.models) for s in cfg.settings) * len(seeds) * runs_per_seed
     progress = common.RunProgress(total, "eigen_table")
     out, schedule = {}, {}
     for setting in cfg.settings:
@@ -271,16 +290,18 @@ def run_all(cfg: TableConfig, seeds: Sequence[int], workdir: Path) -> dict:
         for model, model_kwargs in setting.models:
             module = get_model(model, validation.num_classes, **model_kwargs)
             per_model = out.setdefault(setting.name, {}).setdefault(model, {})
-            for method, alpha in methods(cfg):  # method-major: compiled steps reused
-                name = run_name(method, alpha)
+
+            def train(method, rho, alpha):  # every seed of one configuration in a row
+                name = run_name(method, rho, alpha)
                 for seed in seeds:
                     where = workdir / "runs" / setting.name / model / name / f"seed{seed}"
                     result = run(make_train_config(cfg, setting, model, model_kwargs, method,
-                                                   alpha, refresh, seed, where))
+                                                   rho, alpha, refresh, seed, where))
                     last = result.history[-1]
                     val = common.evaluate(module, result.variables, validation)
                     times = [h["epoch_time"] for h in result.history]
-                    rec = {"test_acc": last["test_acc"], "test_loss": last["test_loss"],
+                    rec = {"method": method, "rho": rho, "alpha": alpha,
+                           "test_acc": last["test_acc"], "test_loss": last["test_loss"],
                            "train_acc_epoch_mean": last["train_acc"],
                            "val_acc": val["acc"], "val_loss": val["loss"],
                            "grad_evals": result.grad_evals,
@@ -294,17 +315,32 @@ def run_all(cfg: TableConfig, seeds: Sequence[int], workdir: Path) -> dict:
                         f"{setting.name} {model} seed {seed} {name}: val {rec['val_acc']:.4f} "
                         f"test {rec['test_acc']:.4f}",
                         reused=result.resumed_from >= setting.epochs)
+
+            for method, rho, alpha in sam_runs(cfg):
+                train(method, rho, alpha)
+            rho_star, _ = select(cfg.rhos, lambda r: [per_model[run_name("sam", r)][s]["val_acc"]
+                                                      for s in seeds])
+            for method, rho, alpha in eigen_runs(cfg, rho_star):
+                train(method, rho, alpha)
     return {"runs": out, "schedule": schedule}
 
 
 # ----------------------------------------------------------------------- aggregation
 
-def select_alpha(cfg: TableConfig, per_model: dict, seeds: Sequence[int]) -> tuple[float, dict]:
-    """α* = argmax over α of the mean validation accuracy over seeds (ties: smaller α)."""
-    means = {a: float(np.mean([per_model[run_name("eigen_sam", a)][s]["val_acc"] for s in seeds]))
-             for a in cfg.alphas}
-    best = max(sorted(cfg.alphas), key=lambda a: (means[a], -a))
-    return best, means
+def select(grid: Sequence[float], val_accs) -> tuple[float, dict]:
+    """The grid value with the best mean validation accuracy over seeds (ties: the
+    smaller value); ``val_accs(value)`` gives the per-seed validation accuracies."""
+    means = {v: float(np.mean(val_accs(v))) for v in grid}
+    return max(sorted(grid), key=lambda v: (means[v], -v)), means
+
+
+def selections(cfg: TableConfig, per_model: dict, seeds: Sequence[int]) -> dict:
+    """ρ* (SAM, validation) and α* (Eigen-SAM at ρ*, validation) of one (setting, model)."""
+    val = lambda name: [per_model[name][s]["val_acc"] for s in seeds]  # noqa: E731
+    rho, rho_means = select(cfg.rhos, lambda r: val(run_name("sam", r)))
+    alpha, alpha_means = select(cfg.alphas, lambda a: val(run_name("eigen_sam", rho, a)))
+    return {"rho": rho, "alpha": alpha, "sam_val_by_rho": rho_means,
+            "eigen_val_by_alpha": alpha_means}
 
 
 def summarize(cfg: TableConfig, runs: dict, seeds: Sequence[int]) -> list[dict]:
@@ -313,29 +349,36 @@ def summarize(cfg: TableConfig, runs: dict, seeds: Sequence[int]) -> list[dict]:
     for setting in cfg.settings:
         for model, model_kwargs in setting.models:
             per_model = runs[setting.name][model]
-            alpha, val_means = select_alpha(cfg, per_model, seeds)
+            chosen = selections(cfg, per_model, seeds)
+            rho, alpha = chosen["rho"], chosen["alpha"]
             get = lambda name, key: [per_model[name][s][key] for s in seeds]  # noqa: E731
-            eig = run_name("eigen_sam", alpha)
+            sam, eig = run_name("sam", rho), run_name("eigen_sam", rho, alpha)
             row = {"setting": setting.name, "model": model,
-                   "model_label": model_label(model, model_kwargs), "alpha": alpha,
-                   "val_acc_by_alpha": {str(a): v for a, v in val_means.items()},
-                   "test_acc_by_alpha": {str(a): common.mean_std(get(run_name("eigen_sam", a), "test_acc"))
-                                         for a in cfg.alphas}}
-            for label, name in (("sgd", "sgd"), ("sam", "sam"), ("eigen_sam", eig)):
+                   "model_label": model_label(model, model_kwargs), "rho": rho, "alpha": alpha,
+                   "val_acc_by_alpha": {str(a): v for a, v in chosen["eigen_val_by_alpha"].items()},
+                   "sam_val_acc_by_rho": {str(r): v for r, v in chosen["sam_val_by_rho"].items()},
+                   "test_acc_by_alpha": {str(a): common.mean_std(get(run_name("eigen_sam", rho, a),
+                                                                     "test_acc"))
+                                         for a in cfg.alphas},
+                   "sam_test_acc_by_rho": {str(r): common.mean_std(get(run_name("sam", r), "test_acc"))
+                                           for r in cfg.rhos}}
+            for label, name in (("sgd", "sgd"), ("sam", sam), ("eigen_sam", eig)):
                 row[label] = {k: common.mean_std(get(name, k))
                               for k in ("test_acc", "val_acc", "test_loss", "grad_evals",
                                         "median_epoch_time_s")}
             row["eigen_minus_sam"] = common.paired_difference(get(eig, "test_acc"),
-                                                              get("sam", "test_acc"))
-            row["sam_minus_sgd"] = common.paired_difference(get("sam", "test_acc"),
+                                                              get(sam, "test_acc"))
+            row["sam_minus_sgd"] = common.paired_difference(get(sam, "test_acc"),
                                                             get("sgd", "test_acc"))
             row["eigen_minus_sgd"] = common.paired_difference(get(eig, "test_acc"),
                                                               get("sgd", "test_acc"))
-            all_eigen = [r for a in cfg.alphas for r in per_model[run_name("eigen_sam", a)].values()]
-            sam_time = np.mean(get("sam", "median_epoch_time_s"))
+            all_eigen = [r for a in cfg.alphas
+                         for r in per_model[run_name("eigen_sam", rho, a)].values()]
+            all_sam = [r for r_ in cfg.rhos for r in per_model[run_name("sam", r_)].values()]
+            sam_time = np.mean([r["median_epoch_time_s"] for r in all_sam])
             row["cost"] = {
                 "grad_evals_ratio_eigen_to_sam": float(np.mean([r["grad_evals"] for r in all_eigen])
-                                                      / np.mean(get("sam", "grad_evals"))),
+                                                      / np.mean(get(sam, "grad_evals"))),
                 "epoch_time_ratio_eigen_to_sam": float(np.mean(
                     [r["median_epoch_time_s"] for r in all_eigen]) / sam_time),
                 "epoch_time_ratio_sam_to_sgd": float(sam_time / np.mean(
@@ -374,12 +417,13 @@ def claims(rows: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["setting", "model", "SGD test %", "SAM test %", "Eigen-SAM test %", "α*",
+    header = ["setting", "model", "SGD test %", "SAM test %", "Eigen-SAM test %", "ρ*", "α*",
               "Eigen − SAM (paired, 95 % CI) %", "grad evals E/S", "epoch time E/S"]
     table = [[r["setting"], r["model_label"],
               common.fmt_mean_std(r["sgd"]["test_acc"], 2, 100),
               common.fmt_mean_std(r["sam"]["test_acc"], 2, 100),
-              common.fmt_mean_std(r["eigen_sam"]["test_acc"], 2, 100), f"{r['alpha']:g}",
+              common.fmt_mean_std(r["eigen_sam"]["test_acc"], 2, 100), f"{r['rho']:g}",
+              f"{r['alpha']:g}",
               common.fmt_paired(r["eigen_minus_sam"], 2, 100).split(" (")[0],
               f"{r['cost']['grad_evals_ratio_eigen_to_sam']:.3f}",
               f"{r['cost']['epoch_time_ratio_eigen_to_sam']:.2f}"] for r in rows]
@@ -387,9 +431,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_alpha_table(cfg: TableConfig, rows: list[dict]) -> str:
-    header = ["setting", "model", "SAM val %"] + [f"α={a:g} val %" for a in cfg.alphas] + \
-             [f"α={a:g} test %" for a in cfg.alphas]
-    table = [[r["setting"], r["model"], f"{100 * r['sam']['val_acc']['mean']:.2f}"]
+    """Validation accuracy (mean over seeds) of SAM per ρ and Eigen-SAM (at ρ*) per α,
+    * = chosen; then the test accuracy per α."""
+    header = (["setting", "model"] + [f"SAM ρ={r:g} val %" for r in cfg.rhos]
+              + [f"α={a:g} val %" for a in cfg.alphas] + [f"α={a:g} test %" for a in cfg.alphas])
+    table = [[r["setting"], r["model"]]
+             + [f"{100 * r['sam_val_acc_by_rho'][str(x)]:.2f}" + (" *" if x == r["rho"] else "")
+                for x in cfg.rhos]
              + [f"{100 * r['val_acc_by_alpha'][str(a)]:.2f}" + (" *" if a == r["alpha"] else "")
                 for a in cfg.alphas]
              + [common.fmt_mean_std(r["test_acc_by_alpha"][str(a)], 2, 100) for a in cfg.alphas]
@@ -407,12 +455,11 @@ def plot_table(rows: list[dict], runs: dict, seeds: Sequence[int], path, scale: 
     ncols = min(3, n)
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), squeeze=False)
-    labels = ["SGD", "SAM", "Eigen-SAM\n(α*)"]
     colors = [common.PALETTE[7], common.PALETTE[0], common.PALETTE[1]]
     for i, row in enumerate(rows):
         ax = axes[i // ncols][i % ncols]
         per_model = runs[row["setting"]][row["model"]]
-        names = ["sgd", "sam", run_name("eigen_sam", row["alpha"])]
+        names = ["sgd", run_name("sam", row["rho"]), run_name("eigen_sam", row["rho"], row["alpha"])]
         values = np.array([[100 * per_model[n_][s]["test_acc"] for n_ in names] for s in seeds])
         for v in values:
             ax.plot(range(3), v, color="0.6", lw=0.7, alpha=0.7, zorder=1)
@@ -420,8 +467,8 @@ def plot_table(rows: list[dict], runs: dict, seeds: Sequence[int], path, scale: 
             ax.scatter([j] * len(seeds), values[:, j], color=colors[j], s=12, zorder=2)
             ax.errorbar(j + 0.18, values[:, j].mean(), yerr=common.ci_half_width(values[:, j]),
                         fmt="D", color=colors[j], ms=4, capsize=3, zorder=3)
-        ax.set_xticks(range(3), [l if j < 2 else f"Eigen-SAM\n(α*={row['alpha']:g})"
-                                 for j, l in enumerate(labels)])
+        ax.set_xticks(range(3), ["SGD", f"SAM\n(ρ*={row['rho']:g})",
+                                 f"Eigen-SAM\n(ρ*, α*={row['alpha']:g})"])
         ax.set_xlim(-0.4, 2.6)
         diff = row["eigen_minus_sam"]
         ax.set_title(f"{row['setting']}, {row['model_label']}\nEigen − SAM "
@@ -434,7 +481,7 @@ def plot_table(rows: list[dict], runs: dict, seeds: Sequence[int], path, scale: 
     tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
     fig.suptitle(f"SGD / SAM / Eigen-SAM test accuracy, seeds {', '.join(map(str, seeds))}"
                  f"{tiny}\ndots: seeds (grey lines join a seed); diamond: mean ± 95 % "
-                 "t-interval; α* chosen on the 10 % validation split", fontsize=9)
+                 "t-interval; ρ*, α* chosen on the 10 % validation split", fontsize=9)
     fig.tight_layout()
     return common.save_figure(fig, path)
 
@@ -451,13 +498,14 @@ def plot_alpha(cfg: TableConfig, rows: list[dict], runs: dict, seeds: Sequence[i
     for i, row in enumerate(rows):
         ax = axes[i // ncols][i % ncols]
         per_model = runs[row["setting"]][row["model"]]
-        names = ["sam"] + [run_name("eigen_sam", a) for a in cfg.alphas]
+        names = [run_name("sam", row["rho"])] + [run_name("eigen_sam", row["rho"], a)
+                                                 for a in cfg.alphas]
         for key, label, color in (("val_acc", "validation (selects α)", common.PALETTE[2]),
                                   ("test_acc", "test", common.PALETTE[1])):
             curves = np.array([[100 * per_model[n_][s][key] for n_ in names] for s in seeds])
             common.plot_band(ax, alphas, curves, label=label, color=color, marker="o", ms=3)
         ax.axvline(row["alpha"], color="k", lw=0.8, ls=":")
-        ax.set_title(f"{row['setting']}, {row['model_label']}", fontsize=8)
+        ax.set_title(f"{row['setting']}, {row['model_label']}, ρ* = {row['rho']:g}", fontsize=8)
         ax.set_xticks(alphas, ["SAM\n(0)"] + [f"{a:g}" for a in cfg.alphas])
         if i % ncols == 0:
             ax.set_ylabel("accuracy (%)")
@@ -501,10 +549,11 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
                          for m, ms in models.items()} for st, models in out["runs"].items()},
         "table": format_table(rows), "alpha_table": format_alpha_table(cfg, rows),
         "protocol": {
-            "selection": "α* = argmax mean validation accuracy over seeds (ties: smaller α)",
+            "selection": "ρ* = argmax over rhos of SAM's mean validation accuracy, then α* = "
+                         "argmax over alphas of Eigen-SAM's (at ρ*) (ties: smaller value)",
             "validation": f"{cfg.validation_fraction:.0%} of the train split, seed "
                           f"{cfg.validation_seed}; label noise drawn before the carve",
-            "rho": f"{cfg.rho} for SAM and Eigen-SAM (not tuned)",
+            "rho": f"SAM's ρ tuned on validation over {list(cfg.rhos)}; Eigen-SAM uses ρ*",
             "refresh": "engine per-epoch counter (refresh_counter=epoch)",
             "git_commit": _git_commit(),
         },
@@ -545,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = run_experiment(args.scale, args.workdir, args.seeds)
     print(results["table"])
     print()
-    print("α selection (validation accuracy, mean over seeds; * = α*) and test accuracy per α:")
+    print("ρ and α selection (validation accuracy, mean over seeds; * = chosen) and "
+          "Eigen-SAM's test accuracy per α at ρ*:")
     print(results["alpha_table"])
     print()
     for name, s in results["schedule"].items():
