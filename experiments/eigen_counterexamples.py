@@ -29,7 +29,9 @@ test loss every epoch (``eval_every=1``), λ_max at the last epoch by Lanczos (e
 ``lambda_max_every``; the first ``lambda_examples`` un-augmented training examples,
 BN mode ``lambda_bn_mode`` — the presets' models have no BatchNorm, so the mode does
 not change the operator). "Train loss" is the engine's epoch mean of the clean-pass
-minibatch losses (at w, not at the perturbed point).
+minibatch losses (at w, not at the perturbed point). A run "at chance" ended with a
+train loss above 0.9 ln(classes) (a constant predictor); it is kept in the numbers
+and flagged in the table and figure.
 
 Claims tested (criteria printed with each verdict; paired over seeds, 95 % t-CIs):
 
@@ -266,7 +268,10 @@ def run_all(cfg: CounterConfig, seeds: Sequence[int], workdir: Path) -> dict:
     """Every run; returns ``{run_name: {seed: record}}``."""
     from sam_jax.train import TrainingDiverged, run
 
+    from sam_jax.data import get_dataset
+
     register_anti_egr()
+    num_classes = get_dataset(cfg.dataset, "test", **cfg.dataset_kwargs).num_classes
     runs = run_list(cfg)
     progress = common.RunProgress(len(runs) * len(seeds), "eigen_counterexamples")
     out: dict[str, dict[int, dict]] = {}
@@ -284,7 +289,8 @@ def run_all(cfg: CounterConfig, seeds: Sequence[int], workdir: Path) -> dict:
                 progress.finished(f"{label}: DIVERGED in epoch {rec['diverged_in_epoch']}")
                 continue
             rec = record_run(result)
-            rec.update(method=method, rho=rho, seed=seed, diverged=False)
+            rec.update(method=method, rho=rho, seed=seed, diverged=False,
+                       at_chance=bool(rec["final_train_loss"] > 0.9 * np.log(num_classes)))
             out.setdefault(name, {})[seed] = rec
             progress.finished(
                 f"{label}: test loss {rec['final_test_loss']:.4f}, λ_max {rec['lambda_max']:.2f}",
@@ -301,7 +307,8 @@ def summarize(cfg: CounterConfig, per_run: dict, seeds: Sequence[int]) -> list[d
         name = run_name(method, rho)
         recs = [per_run[name][s] for s in seeds]
         row = {"run": name, "method": method, "rho": rho,
-               "diverged": sum(bool(r.get("diverged")) for r in recs), "seeds": len(recs)}
+               "diverged": sum(bool(r.get("diverged")) for r in recs),
+               "at_chance": sum(bool(r.get("at_chance")) for r in recs), "seeds": len(recs)}
         for key in ("final_train_loss", "final_test_loss", "final_test_acc", "lambda_max",
                     "lambda_2", "grad_evals", "median_epoch_time_s"):
             values = [r[key] for r in recs if np.isfinite(r[key])]  # diverged runs excluded
@@ -375,12 +382,12 @@ def _share(model_v, method_v, sgd_v) -> float | None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ["method", "ρ", "diverged", "train loss", "test loss", "test acc %", "λ_max", "λ_2",
+    header = ["method", "ρ", "diverged", "at chance", "train loss", "test loss", "test acc %", "λ_max", "λ_2",
               "grad evals (run)", "epoch time s"]
     table = []
     for r in rows:
         table.append([LABELS[r["method"]], "—" if r["rho"] is None else f"{r['rho']:g}",
-                      f"{r['diverged']}/{r['seeds']}",
+                      f"{r['diverged']}/{r['seeds']}", f"{r['at_chance']}/{r['seeds']}",
                       common.fmt_mean_std(r["final_train_loss"], 4),
                       common.fmt_mean_std(r["final_test_loss"], 4),
                       common.fmt_mean_std(r["final_test_acc"], 2, 100),
@@ -465,25 +472,35 @@ def plot(cfg: CounterConfig, per_run: dict, seeds: Sequence[int], path, scale: s
                               else "test loss (cross-entropy)")
     axes[1][0].legend(loc="upper left", frameon=False)
     ax = fig.add_subplot(grid[:, ncols])
-    names, xs, means, halves, cols = [], [], [], [], []
-    pos = 0
-    for method, rho in run_list(cfg):
-        name = run_name(method, rho)
-        values = [v for v in (per_run[name][s]["lambda_max"] for s in seeds) if np.isfinite(v)]
-        lost = len(seeds) - len(values)
-        names.append(LABELS[method].split(" (")[0] + ("" if rho is None else f"\nρ={rho:g}")
-                     + (f"\n({lost} diverged)" if lost else ""))
-        xs.append(pos)
-        means.append(np.mean(values) if values else np.nan)
-        halves.append(common.ci_half_width(values))
-        cols.append(colors[method])
-        ax.scatter([pos] * len(values), values, s=8, color="k", zorder=3, alpha=0.6)
-        pos += 1 if method != METHODS[-1] else 1.6
-    ax.bar(xs, means, yerr=halves, color=cols, capsize=3, alpha=0.85)
+    group_centres, group_labels = [], []
+    pos = 0.0
+    for group in [None] + list(cfg.rhos):
+        members = [("sgd", None)] if group is None else [(m, group) for m in METHODS]
+        start_pos = pos
+        for method, rho in members:
+            name = run_name(method, rho)
+            recs = [per_run[name][s] for s in seeds]
+            values = [r["lambda_max"] for r in recs if np.isfinite(r["lambda_max"])]
+            lost = len(seeds) - len(values)
+            at_chance = sum(bool(r.get("at_chance")) for r in recs)
+            if values:
+                ax.bar(pos, np.mean(values), yerr=common.ci_half_width(values),
+                       color=colors[method], capsize=3, alpha=0.85, width=0.8)
+                ax.scatter([pos] * len(values), values, s=8, color="k", zorder=3, alpha=0.6)
+            notes = ([f"{at_chance} at chance"] if at_chance else []) + (
+                [f"{lost} diverged"] if lost else [])
+            if notes:
+                top = max(values) if values else 1.0
+                ax.annotate("\n".join(notes), (pos, top), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=6.5)
+            pos += 1
+        group_centres.append((start_pos + pos - 1) / 2)
+        group_labels.append("SGD" if group is None else f"ρ = {group:g}")
+        pos += 0.6
     ax.set_yscale("log")
-    ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(group_centres, group_labels)
     ax.set_ylabel("final λ_max (Lanczos, train set; log scale)")
-    ax.set_title("λ_max at the end\n(bar: mean, 95 % CI; dots: seeds)")
+    ax.set_title("λ_max at the end (colours as in the legend)\nbar: mean, 95 % CI; dots: seeds")
     tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
     fig.suptitle(f"SAM vs Reverse-SAM vs EGR (and anti-EGR): {cfg.dataset}, {cfg.model}, seeds "
                  f"{', '.join(map(str, seeds))}{tiny}\n{common.BAND_CAPTION}; "

@@ -192,6 +192,8 @@ def test_tiny_cli_results_structure(tiny):
             assert all(v is not None for v in rec["test_loss"])
             assert rec["lambda_max"] >= rec["lambda_2"]
             assert rec["lambda_examples"] == cfg.lambda_examples
+            # At chance = train loss above 0.9 ln 10 (a constant predictor).
+            assert rec["at_chance"] == (rec["final_train_loss"] > 0.9 * np.log(10))
     steps = cfg.train["steps_per_epoch"] * cfg.epochs
     evals = {r["run"]: r["grad_evals"]["mean"] for r in res["rows"]}
     assert evals["sgd"] == steps and evals["sam_rho0.1"] == 2 * steps
