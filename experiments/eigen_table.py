@@ -256,7 +256,8 @@ def make_train_config(cfg: TableConfig, setting: Setting, model: str, model_kwar
         dataset_kwargs=dataset_kwargs(cfg, setting), model=model,
         model_kwargs=dict(model_kwargs),
         phases=phases(cfg, setting, method, rho, alpha, refresh),
-        rho=rho if rho is not None else 0.05, seed=seed, keep_last=1, checkpoint_every=setting.epochs,
+        # SGD ignores ρ; the config's field gets the grid's last value.
+        rho=rho if rho is not None else cfg.rhos[-1], seed=seed, keep_last=1, checkpoint_every=setting.epochs,
         eval_every=setting.epochs, progress=False, **train_fields(cfg, setting))
 
 
