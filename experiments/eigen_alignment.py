@@ -135,10 +135,10 @@ SCALE_PRESETS: dict[str, Preset] = {
         settings=(
             Setting("digits_cnn6", "digits", "cnn6", model_kwargs={"width": 8}, epochs=10,
                     batch_size=32, refresh_every=22, align_every=12, lr=0.05, rho=0.05,
-                    lambda_every=2),
+                    lambda_every=1),
             Setting("mnist1d_cnn1d", "mnist1d", "cnn1d", model_kwargs={"width": 16},
                     epochs=10, batch_size=64, refresh_every=31, align_every=16, lr=0.05,
-                    rho=0.05, lambda_every=2),
+                    rho=0.05, lambda_every=1),
         ),
         seeds=(0, 1, 2, 3, 4)),
     # The paper's setting: a 6-layer CNN on CIFAR-10 through TFDS (layers not known:
@@ -344,7 +344,8 @@ def summarize(per_seed: dict) -> dict:
     """Per-seed scalars and the paired comparisons used by the verdict.
 
     ``mean_cos_*`` average |cos| over every alignment point of a run;
-    ``late_mean_cos_*`` over its second half; ``final_lambda_max`` is the last point.
+    ``late_mean_cos_*`` over its second half; ``final_lambda_max`` is the last point,
+    ``mean_lambda_max`` the mean over the λ_max points after initialization.
     """
     seeds = sorted(per_seed)
     scalars = {}
@@ -354,10 +355,12 @@ def summarize(per_seed: dict) -> dict:
             run = per_seed[seed][name]
             a = run["align"]
             half = len(a["step"]) // 2
+            lam = run["curve"]["lambda_max"]
             row = {"mean_cos_g_v1": float(np.mean(a["cos_g_v1"])),
                    "mean_cos_eps_v1": float(np.mean(a["cos_eps_v1"])),
                    "late_mean_cos_eps_v1": float(np.mean(a["cos_eps_v1"][half:])),
-                   "final_lambda_max": run["curve"]["lambda_max"][-1],
+                   "final_lambda_max": lam[-1],
+                   "mean_lambda_max": float(np.mean(lam[1:])),
                    "final_test_acc": run["curve"]["test_acc"][-1],
                    "final_train_loss": run["curve"]["train_loss"][-1],
                    "final_test_loss": run["curve"]["test_loss"][-1],
@@ -382,6 +385,10 @@ def summarize(per_seed: dict) -> dict:
             col("eigen_sam", "final_lambda_max"), col("sgd", "final_lambda_max")),
         "lambda_sam_minus_sgd": common.paired_difference(
             col("sam", "final_lambda_max"), col("sgd", "final_lambda_max")),
+        "mean_lambda_eigen_minus_sam": common.paired_difference(
+            col("eigen_sam", "mean_lambda_max"), col("sam", "mean_lambda_max")),
+        "mean_lambda_sam_minus_sgd": common.paired_difference(
+            col("sam", "mean_lambda_max"), col("sgd", "mean_lambda_max")),
         "test_acc_eigen_minus_sam": common.paired_difference(
             col("eigen_sam", "final_test_acc"), col("sam", "final_test_acc")),
     }
@@ -453,14 +460,24 @@ def plot(setting_results: dict, seeds, workdir: Path) -> list[str]:
         res = setting_results[key]
         per_seed = res["per_seed"]
         seeds_sorted = sorted(per_seed)
-        x = np.asarray(per_seed[seeds_sorted[0]]["sgd"]["align"]["step"])
+        spe = res["steps_per_epoch"]
+        steps = np.asarray(per_seed[seeds_sorted[0]]["sgd"]["align"]["step"])
+        epoch_of = steps // spe
+        epochs = np.unique(epoch_of)
+        x = (epochs + 0.5) * spe  # per-epoch means, drawn at mid-epoch
+
+        def binned(values):
+            values = np.asarray(values, dtype=np.float64)
+            return [np.nanmean(values[epoch_of == e]) for e in epochs]
+
         ax = axes[r][0]
         for name, field, style, label in (
                 ("sgd", "cos_g_v1", ":", "SGD: gradient g"),
                 ("sam", "cos_eps_v1", "-", "SAM: ε = ρĝ"),
                 ("eigen_sam", "cos_eps_v1", "-", "Eigen-SAM: ε")):
-            runs = [per_seed[s][name]["align"][field] for s in seeds_sorted]
-            common.plot_band(ax, x, runs, label=label, color=colors[name], linestyle=style)
+            runs = [binned(per_seed[s][name]["align"][field]) for s in seeds_sorted]
+            common.plot_band(ax, x, runs, label=label, color=colors[name], linestyle=style,
+                             marker="o", markersize=3)
         ax.set_ylim(0, 1)
         ax.set_xlabel("training step")
         ax.set_ylabel("|cos(·, v₁)|, v₁ of the step's minibatch")
@@ -468,9 +485,9 @@ def plot(setting_results: dict, seeds, workdir: Path) -> list[str]:
         ax = axes[r][1]
         for field, style, label in (("cos_v_v1", "-", "its estimate v (used in ε)"),
                                     ("cos_g_v1", "--", "its gradient g")):
-            runs = [per_seed[s]["eigen_sam"]["align"][field] for s in seeds_sorted]
+            runs = [binned(per_seed[s]["eigen_sam"]["align"][field]) for s in seeds_sorted]
             common.plot_band(ax, x, runs, label=label, color=colors["eigen_sam"],
-                             linestyle=style)
+                             linestyle=style, marker="o", markersize=3)
         ax.set_ylim(0, 1)
         ax.set_xlabel("training step")
         ax.set_ylabel("|cos(·, v₁)|")
@@ -479,14 +496,16 @@ def plot(setting_results: dict, seeds, workdir: Path) -> list[str]:
         xc = np.asarray(per_seed[seeds_sorted[0]]["sgd"]["curve"]["step"])
         for name in OPTIMIZERS:
             runs = [per_seed[s][name]["curve"]["lambda_max"] for s in seeds_sorted]
-            common.plot_band(ax, xc, runs, label=LABELS[name], color=colors[name])
+            common.plot_band(ax, xc, runs, label=LABELS[name], color=colors[name],
+                             marker="o", markersize=3)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"λ_max (train subset, {res['lambda_examples']} ex.)")
         ax.set_title(f"{key}: top Hessian eigenvalue")
         for ax in axes[r]:
             ax.legend(loc="best")
     fig.suptitle(f"Eigen-SAM alignment study — {names}; {seed_text}\n"
-                 f"{common.BAND_CAPTION}; v₁ by Lanczos on the step's minibatch; no BatchNorm")
+                 f"{common.BAND_CAPTION}; v₁ by Lanczos on the step's minibatch; "
+                 f"cosines: per-epoch mean of the measured steps; no BatchNorm")
     fig.tight_layout()
     first = common.save_figure(fig, workdir / "eigen_alignment.png")
 
@@ -585,6 +604,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"  final λ_max Eigen-SAM − SAM:      {common.fmt_paired(p['lambda_eigen_minus_sam'], 3)}")
         print(f"  final λ_max Eigen-SAM − SGD:      {common.fmt_paired(p['lambda_eigen_minus_sgd'], 3)}")
         print(f"  final λ_max SAM − SGD:            {common.fmt_paired(p['lambda_sam_minus_sgd'], 3)}")
+        print(f"  mean λ_max over training, Eigen-SAM − SAM: "
+              f"{common.fmt_paired(p['mean_lambda_eigen_minus_sam'], 3)}")
+        print(f"  mean λ_max over training, SAM − SGD:       "
+              f"{common.fmt_paired(p['mean_lambda_sam_minus_sgd'], 3)}")
         print(f"  final test acc Eigen-SAM − SAM:   {common.fmt_paired(p['test_acc_eigen_minus_sam'], 2, 100)} %")
         for claim, v in res["verdict"].items():
             print(f"  {claim}: {'yes' if v['holds'] else 'no'}  [{v['criterion']}]")
