@@ -332,3 +332,14 @@ def test_tiny_run_writes_expected_json(tiny_run):
         assert res["claim"][str(rho)]["verdict"] in ("held", "partly", "did not hold")
     assert all((workdir / f).exists() for f in data["figures"])
     assert (workdir / "sam_sde.pdf").exists()
+
+
+def test_replot_redraws_from_json(tiny_run):
+    workdir, _ = tiny_run
+    (workdir / "sam_sde.png").unlink()
+    out = sam_sde.main(["--workdir", str(workdir), "--replot"])
+    assert "sam_sde.png" in out["figures"] and (workdir / "sam_sde.png").exists()
+    data = json.loads((workdir / "results.json").read_text())
+    assert data["figures"] == out["figures"]
+    assert sam_sde.figure_name(sam_sde.SDEConfig(rhos=(0.05, 0.2), figure_rho=0.2), 0.05) \
+        == "sam_sde_rho0p05"
