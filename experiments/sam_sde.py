@@ -580,7 +580,9 @@ def run_experiment(scale: str, workdir: Path, seeds=None, overrides: dict | None
             for method in cfg.methods:
                 reused = method == "sgd" and sgd is not None
                 with common.Timer() as t:
-                    if reused:  # ρ = 0: the same trajectories for every ρ
+                    # ρ = 0: the same trajectories for every ρ (their diagnostics
+                    # cos_g_v1 / third_to_second / taylor_err* are at the first ρ)
+                    if reused:
                         trajectories[method] = sgd
                     else:
                         trajectories[method] = problem.simulate(method, rho, cfg.seeds)

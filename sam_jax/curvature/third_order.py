@@ -12,7 +12,7 @@ third-order SAM SDE (docs/sam_sde.md).
 It is computed forward-over-forward-over-reverse: the HVP ``w ↦ H(w) v`` is a
 ``jax.jvp`` of ``jax.grad``, and its directional derivative along ``v`` is one more
 ``jax.jvp``. The outer JVP returns the HVP as its primal, so one call gives both
-``H v`` and ``∇³L[v, v]`` (about the cost of 4–5 gradients).
+``H v`` and ``∇³L[v, v]``.
 
 Not exported from ``sam_jax.curvature`` (import this module directly).
 """
