@@ -237,6 +237,7 @@ def analyse(cfg: PhaseConfig, runs: dict) -> dict:
         near_all.append((sgd_mean <= p + NEAR).ravel())
         win = (diff.mean(-1) > WIN) & (diff.mean(-1) - half > 0)
         lose = (diff.mean(-1) < -WIN) & (diff.mean(-1) + half < 0)
+        lose_mean = diff.mean(-1) < -WIN  # without the CI: SAM's failures are seed-dependent (wide CIs)
         sam_only = (sam_mean <= p + NEAR) & (sgd_mean > p + NEAR)
         results[kind] = {
             "x_name": "n" if kind == "n" else "d", "x_values": xs.tolist(),
@@ -247,11 +248,19 @@ def analyse(cfg: PhaseConfig, runs: dict) -> dict:
                              "per_seed": sam},
             "sgd_train_err": runs[kind]["sgd"]["train_err"].mean(-1),
             "sam_train_err": runs[kind]["sam"]["train_err"].mean(-1),
+            "sgd_train_err_per_seed": runs[kind]["sgd"]["train_err"],
+            "sam_train_err_per_seed": runs[kind]["sam"]["train_err"],
             "sgd_train_loss": runs[kind]["sgd"]["train_loss"].mean(-1),
             "sam_train_loss": runs[kind]["sam"]["train_loss"].mean(-1),
             "diff_sgd_minus_sam": {"mean": diff.mean(-1), "ci_half_width": half},
             "sam_wins_by_5pts": win, "sam_loses_by_5pts": lose, "sam_near_p_sgd_not": sam_only,
             "fraction_sam_wins": float(win.mean()), "fraction_sam_loses": float(lose.mean()),
+            "sam_worse_by_5pts_mean": lose_mean, "fraction_sam_worse_mean": float(lose_mean.mean()),
+            "sam_worse_signal_norm_range": ([float(np.asarray(cfg.signal_norms)[lose_mean.any(0)].min()),
+                                             float(np.asarray(cfg.signal_norms)[lose_mean.any(0)].max())]
+                                            if lose_mean.any() else None),
+            # seeds where SAM is > 0.2 above SGD (a failed run), over all cells
+            "sam_failed_runs": int(np.sum(sam - sgd > 0.2)), "num_runs": int(sam.size),
             "fraction_sam_near_p_sgd_not": float(sam_only.mean()),
             "win_s_range": [float(s[win].min()), float(s[win].max())] if win.any() else None,
             "win_signal_norm_range": ([float(np.asarray(cfg.signal_norms)[win.any(0)].min()),
@@ -310,9 +319,15 @@ def verdicts(cfg: PhaseConfig, results: dict) -> list[tuple[str, str, bool]]:
                  f"||mu|| in [{r['win_signal_norm_range'][0]:.3g}, {r['win_signal_norm_range'][1]:.3g}]")
         out.append((f"SAM beats SGD by > {100 * WIN:g} points ({x} grid)",
                     f"{_pct(r['fraction_sam_wins'])} of cells (paired 95 % CI > 0){where}; SAM worse by > "
-                    f"{100 * WIN:g} points in {_pct(r['fraction_sam_loses'])} (criterion: wins >= 10 % of cells)",
+                    f"{100 * WIN:g} points: {_pct(r['fraction_sam_loses'])} with CI < 0, {_pct(r['fraction_sam_worse_mean'])}"
+                    f" by the mean{_range(r['sam_worse_signal_norm_range'])}; runs where SAM is > 20 points worse "
+                    f"than SGD: {r['sam_failed_runs']}/{r['num_runs']} (criterion: wins >= 10 % of cells)",
                     r["fraction_sam_wins"] >= 0.10))
     return out
+
+
+def _range(v):
+    return "" if v is None else f" (||mu|| in [{v[0]:.3g}, {v[1]:.3g}])"
 
 
 def _pct(v):

@@ -250,6 +250,7 @@ def plot(cfg: MechanismConfig, runs: dict, workdir: Path, seeds: Sequence[int]) 
     axes[0, 0].set_ylabel("inner product")
     axes[0, 2].axhline(cfg.flip_prob, color="black", lw=0.8, ls=":", label=f"p = {cfg.flip_prob:g}")
     axes[0, 2].set_ylabel("error")
+    axes[0, 2].set_ylim(0, 0.6)
     ax = axes[1, 0]
     for o in ("sgd", "sam"):
         common.plot_band(ax, steps, runs[o]["noise_mem_flipped"], label=f"{o.upper()} flipped labels", color=colors[o])
@@ -275,7 +276,7 @@ def plot(cfg: MechanismConfig, runs: dict, workdir: Path, seeds: Sequence[int]) 
     ax.set_title("training set (observed labels)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("error / logistic loss")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     for ax in axes.ravel():
         ax.legend(fontsize=7)
     fig.suptitle(f"Patch data (n = {cfg.n}, d = {cfg.dim}, ‖μ‖ = {cfg.signal_norm:g}, P = {cfg.num_patches}, "
