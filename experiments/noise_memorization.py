@@ -106,7 +106,8 @@ def eval_hook(spec, cell, params, data) -> dict:
     mask = data["mask"]
     flipped = mask * data["flipped"].astype(mask.dtype)
     clean = mask - flipped
-    mean = lambda v, w: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)  # noqa: E731
+    # NaN where a group is empty (a seed without flipped labels): dropped from the means over seeds
+    mean = lambda v, w: jnp.where(jnp.sum(w) > 0, jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0), jnp.nan)  # noqa: E731
     return {"signal_learning": signal.mean(), "noise_mem_all": mean(noise, mask),
             "noise_mem_flipped": mean(noise, flipped), "noise_mem_clean": mean(noise, clean)}
 
@@ -178,21 +179,35 @@ def run(cfg: MechanismConfig, seeds: Sequence[int]) -> dict:
 def analyse(cfg: MechanismConfig, runs: dict) -> dict:
     sgd, sam = runs["sgd"], runs["sam"]
     early = max(1, len(sam["window_end_steps"]) // 10)  # the first 10 % of the windows
-    last = lambda a: np.asarray(a)[:, -1]  # noqa: E731
-    early_mean = lambda a: np.nanmean(np.asarray(a)[:, :early], axis=1)  # noqa: E731
+    last = lambda a: np.asarray(a, float)[:, -1]  # noqa: E731
+
+    def early_mean(a):
+        a = np.asarray(a, float)[:, :early]
+        with np.errstate(invalid="ignore"):
+            return np.array([np.nanmean(row) if np.isfinite(row).any() else np.nan for row in a])
+
+    def stats(values):  # mean ± std over the seeds where the quantity exists
+        values = np.asarray(values, float)
+        finite = values[np.isfinite(values)]
+        return common.mean_std(finite) if finite.size else {"mean": None, "std": None, "n": 0, "values": []}
+
+    def paired(a, b):
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        keep = np.isfinite(a) & np.isfinite(b)
+        return common.paired_difference(a[keep], b[keep])
+
     res = {
         "early_windows": early, "early_steps": int(sam["window_end_steps"][early - 1]),
-        "final": {o: {k: common.mean_std(last(runs[o][k])) for k in
+        "final": {o: {k: stats(last(runs[o][k])) for k in
                       ("signal_learning", "noise_mem_all", "noise_mem_flipped", "noise_mem_clean", "test_err",
                        "train_err", "train_loss")} for o in ("sgd", "sam")},
-        "early_deactivation": {o: {k: common.mean_std(early_mean(runs[o][k])) for k in
+        "early_deactivation": {o: {k: stats(early_mean(runs[o][k])) for k in
                                    ("deactivated_noise", "deactivated_noise_flipped", "deactivated_signal")}
                                for o in ("sgd", "sam")},
         "paired": {
             "noise_mem_all_sgd_minus_sam": common.paired_difference(last(sgd["noise_mem_all"]),
                                                                     last(sam["noise_mem_all"])),
-            "noise_mem_flipped_sgd_minus_sam": common.paired_difference(last(sgd["noise_mem_flipped"]),
-                                                                        last(sam["noise_mem_flipped"])),
+            "noise_mem_flipped_sgd_minus_sam": paired(last(sgd["noise_mem_flipped"]), last(sam["noise_mem_flipped"])),
             "signal_learning_sam_minus_sgd": common.paired_difference(last(sam["signal_learning"]),
                                                                       last(sgd["signal_learning"])),
             "test_err_sgd_minus_sam": common.paired_difference(last(sgd["test_err"]), last(sam["test_err"])),
@@ -200,6 +215,9 @@ def analyse(cfg: MechanismConfig, runs: dict) -> dict:
                 early_mean(sam["deactivated_noise"]), early_mean(sam["deactivated_signal"])),
             "early_deactivation_noise_sam_minus_sgd": common.paired_difference(
                 early_mean(sam["deactivated_noise"]), early_mean(sgd["deactivated_noise"])),
+            "run_mean_deactivation_noise_sam_minus_sgd": common.paired_difference(
+                np.nanmean(np.asarray(sam["deactivated_noise"], float), axis=1),
+                np.nanmean(np.asarray(sgd["deactivated_noise"], float), axis=1)),
         },
     }
     return res
@@ -221,6 +239,10 @@ def verdicts(res: dict) -> list[tuple[str, str, bool]]:
         (f"early (first {res['early_steps']} steps) SAM's perturbation deactivates noise-fitting units more "
          f"than signal units", f"noise − signal fraction = {f(pr['sam_early_deactivation_noise_minus_signal'])} "
          f"(criterion: CI > 0)", pr["sam_early_deactivation_noise_minus_signal"]["ci_low"] > 0),
+        ("over the whole run, SAM's perturbation keeps more noise-fitting units off than it would at SGD's iterates",
+         f"SAM run − SGD run, fraction averaged over all windows = "
+         f"{f(pr['run_mean_deactivation_noise_sam_minus_sgd'])} (criterion: CI > 0)",
+         pr["run_mean_deactivation_noise_sam_minus_sgd"]["ci_low"] > 0),
         ("SAM's final test error is lower than SGD's",
          f"SGD − SAM = {f(pr['test_err_sgd_minus_sam'])} (criterion: CI > 0)",
          pr["test_err_sgd_minus_sam"]["ci_low"] > 0),
@@ -276,7 +298,7 @@ def plot(cfg: MechanismConfig, runs: dict, workdir: Path, seeds: Sequence[int]) 
     ax.set_title("training set (observed labels)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("error / logistic loss")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=-0.02)
     for ax in axes.ravel():
         ax.legend(fontsize=7)
     fig.suptitle(f"Patch data (n = {cfg.n}, d = {cfg.dim}, ‖μ‖ = {cfg.signal_norm:g}, P = {cfg.num_patches}, "
@@ -287,6 +309,12 @@ def plot(cfg: MechanismConfig, runs: dict, workdir: Path, seeds: Sequence[int]) 
 
 
 # ------------------------------------------------------------------------- main
+
+
+def _fmt(stats: dict) -> str:
+    if not stats["n"]:
+        return "n/a"
+    return f"{common.fmt_mean_std(stats, 3)} (n={stats['n']})"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -315,13 +343,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        ("noise_mem_flipped", "noise memorization (flipped)"),
                        ("noise_mem_clean", "noise memorization (clean)"), ("test_err", "test error"),
                        ("train_err", "train error"), ("train_loss", "train loss")):
-        rows.append([f"{label}, step {cfg.steps}"] + [common.fmt_mean_std(res["final"][o][key], 3)
-                                                      for o in ("sgd", "sam")])
+        rows.append([f"{label}, step {cfg.steps}"] + [_fmt(res["final"][o][key]) for o in ("sgd", "sam")])
     for key, label in (("deactivated_noise", "noise units off at Ŵ"),
                        ("deactivated_noise_flipped", "noise units off at Ŵ (flipped)"),
                        ("deactivated_signal", "signal units off at Ŵ")):
         rows.append([f"{label}, first {res['early_steps']} steps"]
-                    + [common.fmt_mean_std(res["early_deactivation"][o][key], 3) for o in ("sgd", "sam")])
+                    + [_fmt(res["early_deactivation"][o][key]) for o in ("sgd", "sam")])
     print(f"\ncell n = {cfg.n}, d = {cfg.dim}, ‖μ‖ = {cfg.signal_norm:g}, τ = {cfg.tau:.3g}; mean ± std over "
           f"{len(seeds)} seeds (SGD column: Ŵ is the SAM point from SGD's iterate)")
     print(common.format_table(["quantity", "SGD", "SAM"], rows))

@@ -45,6 +45,9 @@ def test_eval_hook_averages_over_real_and_flipped_examples():
     assert float(out["noise_mem_all"]) == pytest.approx(2.5)
     assert float(out["noise_mem_flipped"]) == pytest.approx(2.0)
     assert float(out["noise_mem_clean"]) == pytest.approx(3.0)
+    # no flipped example among the real ones: NaN (dropped from means over seeds), not 0
+    out = nm.eval_hook(spec, cell, params, {**data, "flipped": jnp.array([False, False, True])})
+    assert np.isnan(float(out["noise_mem_flipped"])) and float(out["noise_mem_clean"]) == pytest.approx(2.5)
 
 
 def test_tau_is_the_recalled_scaling():
@@ -68,5 +71,5 @@ def test_noise_memorization_tiny_cli(tmp_path):
         frac = np.asarray(curves["deactivated_noise"], float)
         assert frac.shape == (len(cfg.seeds), windows) and np.all((frac >= 0) & (frac <= 1))
         assert set(res["final"][o]["test_err"]) >= {"mean", "std", "n"}
-    assert len(res["claims"]) == 5
+    assert len(res["claims"]) == 6
     assert set(res["paired"]["test_err_sgd_minus_sam"]) >= {"mean", "ci_low", "ci_high"}
