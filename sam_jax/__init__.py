@@ -12,6 +12,8 @@ from sam_jax.optim import (  # noqa: E402  (after __version__ so submodules can 
     egr,
     eigen_sam,
     gradient_evals_per_step,
+    gsam,
+    looksam,
     make_perturbation,
     perturbation_stats,
     reverse_sam,

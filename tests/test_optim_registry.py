@@ -33,7 +33,7 @@ def test_every_name_builds_and_steps():
 
 def test_unknown_name_and_bad_option():
     with pytest.raises(ValueError, match="unknown perturbation"):
-        make_perturbation("gsam", 0.1)
+        make_perturbation("no_such_sam", 0.1)
     with pytest.raises(ValueError, match="sam"):
         make_perturbation("sam", 0.1, alpha=0.2)
     with pytest.raises(ValueError, match="unknown perturbation"):

@@ -7,10 +7,13 @@ gradient function)::
   tx = optax.chain(sam_jax.sam(rho=0.05), optax.sgd(0.1, momentum=0.9))
   updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
 
-All are built on :func:`sam_jax.optim._core.perturbation_transform`.
+All are built on :func:`sam_jax.optim._core.perturbation_transform`. Each member
+declares itself in its own module (``ALGORITHM``, an :class:`Algorithm`: cost,
+logged fields, extra ``update`` inputs, step kinds); :mod:`sam_jax.optim.registry`
+collects the declarations (``docs/ARCHITECTURE.md``, "Contract of a family member").
 """
 
-from sam_jax.optim._core import PerturbationState, perturbation_transform
+from sam_jax.optim._core import Algorithm, PerturbationState, perturbation_transform
 from sam_jax.optim.asam import ASAMState, asam
 from sam_jax.optim.egr import EGRState, egr
 from sam_jax.optim.eigen_sam import (
@@ -19,18 +22,26 @@ from sam_jax.optim.eigen_sam import (
     hessian_vector_product,
     power_iteration,
 )
+from sam_jax.optim.gsam import GSAMState, gsam
+from sam_jax.optim.looksam import LookSAMState, looksam
 from sam_jax.optim.registry import (
+    ALGORITHMS,
     PERTURBATIONS,
     gradient_evals_per_step,
     make_perturbation,
     perturbation_stats,
+    register,
 )
 from sam_jax.optim.reverse_sam import ReverseSAMState, reverse_sam
 from sam_jax.optim.sam import SAMState, sam
 from sam_jax.optim.usam import USAMState, usam
 
 __all__ = [
+    "ALGORITHMS",
     "ASAMState",
+    "Algorithm",
+    "GSAMState",
+    "LookSAMState",
     "EGRState",
     "EigenSAMState",
     "PERTURBATIONS",
@@ -42,11 +53,14 @@ __all__ = [
     "egr",
     "eigen_sam",
     "gradient_evals_per_step",
+    "gsam",
     "hessian_vector_product",
+    "looksam",
     "make_perturbation",
     "perturbation_stats",
     "perturbation_transform",
     "power_iteration",
+    "register",
     "reverse_sam",
     "sam",
     "usam",

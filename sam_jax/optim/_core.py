@@ -47,6 +47,96 @@ class PerturbationState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
+# What a family member declares about itself (docs/ARCHITECTURE.md, "Contract of
+# a family member"). Each algorithm's module defines one `Algorithm`;
+# `sam_jax.optim.registry` only collects them, and the training engine reads
+# nothing else.
+# ---------------------------------------------------------------------------
+
+# Inputs a training engine can hand to ``update`` as keyword arguments when an
+# algorithm lists them in ``Algorithm.update_inputs``:
+EVAL_MODE_GRAD_FN = "hvp_grad_fn"
+"""``params -> grads`` of the same minibatch with the model in eval mode (BatchNorm
+running statistics), e.g. for HVPs; engines pass it only when the model has
+BatchNorm state (otherwise it is ``grad_fn``)."""
+LEARNING_RATE = "learning_rate"
+"""The learning rate of the current step (a scalar; traced inside a compiled step)."""
+ENGINE_INPUTS = (EVAL_MODE_GRAD_FN, LEARNING_RATE)
+
+# Fields every family state has and every engine logs.
+BASE_FIELDS = ("count", "grad_norm", "perturbation_norm")
+
+
+def _two_evals(**_) -> float:
+    return 2.0
+
+
+class Algorithm(NamedTuple):
+    """The declaration of one member of the SAM family.
+
+    Attributes:
+      name: registry name (the ``--phases`` name), e.g. ``"sam"``.
+      factory: ``factory(rho, **options) -> optax.GradientTransformationExtraArgs``.
+      title: the name people write (``"Eigen-SAM"``), for messages and docs.
+      gradient_evals_per_step: ``(**options) -> float``, gradient evaluations per
+        step averaged over steps (an HVP counts 2); options it does not use are
+        ignored.
+      logged_fields: state fields beyond :data:`BASE_FIELDS` that engines log
+        (each a float32 scalar of the state; the state type lists them too, as its
+        ``logged_fields`` class attribute, so :func:`family_stats` finds them).
+      update_inputs: names from :data:`ENGINE_INPUTS` the transform's ``update``
+        accepts as keyword arguments (an engine passes those it can provide).
+      engine_options: option names an engine fills in from what it knows when
+        the user did not set them (e.g. ``("steps_per_epoch",)``).
+      step_picker: for algorithms with two kinds of steps (an expensive and a
+        cheap one): ``(**options) -> (count -> bool)``, the in-graph rule on the
+        state's count before the step, for an engine that compiles both kinds and
+        picks one per step on the host. None for one kind of step.
+      step_kind_arg: the ``update`` keyword that receives the picked kind (a
+        Python bool, which removes the in-graph ``lax.cond``); None with no picker.
+    """
+
+    name: str
+    factory: Callable[..., optax.GradientTransformationExtraArgs]
+    title: str = ""
+    gradient_evals_per_step: Callable[..., float] = _two_evals
+    logged_fields: tuple = ()
+    update_inputs: tuple = ()
+    engine_options: tuple = ()
+    step_picker: Optional[Callable[..., Callable[[int], bool]]] = None
+    step_kind_arg: Optional[str] = None
+
+    @classmethod
+    def from_factory(cls, name: str, factory) -> "Algorithm":
+        """A declaration for a bare factory registered by name only, read from the
+        attributes it may carry (``gradient_evals_per_step``, ``engine_options``,
+        ``step_picker``, ``step_kind_arg``, ``logged_fields``, ``update_inputs``);
+        missing ones take the defaults (cost 2, one kind of step)."""
+        return cls(
+            name=name, factory=factory, title=name,
+            gradient_evals_per_step=getattr(factory, "gradient_evals_per_step", _two_evals),
+            logged_fields=tuple(getattr(factory, "logged_fields", ())),
+            update_inputs=tuple(getattr(factory, "update_inputs", ())),
+            engine_options=tuple(getattr(factory, "engine_options", ())),
+            step_picker=getattr(factory, "step_picker", None),
+            step_kind_arg=getattr(factory, "step_kind_arg", None))
+
+
+def is_family_state(x) -> bool:
+    """Whether ``x`` is the state of a family member: a NamedTuple with the
+    :data:`BASE_FIELDS` (duck-typed, so a user's variant is found too)."""
+    fields = getattr(type(x), "_fields", None)
+    return isinstance(x, tuple) and fields is not None and all(f in fields for f in BASE_FIELDS)
+
+
+def family_stats(state) -> dict:
+    """The logged fields of a family state: :data:`BASE_FIELDS` plus the state
+    type's own ``logged_fields`` (a class attribute, e.g. Eigen-SAM's eigenvalue)."""
+    names = BASE_FIELDS + tuple(getattr(type(state), "logged_fields", ()))
+    return {name: getattr(state, name) for name in names}
+
+
+# ---------------------------------------------------------------------------
 # Pytree arithmetic used by every rule.
 # ---------------------------------------------------------------------------
 
@@ -232,6 +322,8 @@ def perturbation_transform(
     state_type: type = PerturbationState,
     init_extra: Optional[Callable[[Params], dict]] = None,
     evaluate: EvaluateFn = default_evaluate,
+    evaluate_fields: tuple = (),
+    per_device_fields: tuple = (),
     name: str = "sam",
 ) -> optax.GradientTransformationExtraArgs:
     """Build a SAM-family transform from a perturbation rule.
@@ -254,6 +346,13 @@ def perturbation_transform(
       evaluate: ``evaluate(grads, params, epsilon, ascent_grads, grad_fn,
         axis_name) -> updates``, how the perturbed point becomes the output
         gradient (before the ``pmean``); by default ``grad_fn(params + epsilon)``.
+      evaluate_fields: state fields that ``evaluate`` computes (e.g. LookSAM's
+        stored direction). When given, ``evaluate`` takes two more arguments,
+        ``state`` and ``extra_args``, and returns ``(updates, fields)``; with
+        ``rho == 0`` the fields keep their values.
+      per_device_fields: scalar fields from ``perturb`` that depend on the local
+        gradient; averaged over devices in per-device mode so that the state
+        stays replicated (e.g. Eigen-SAM's ``eigen_cosine``).
       name: the variant's name, for error messages.
 
     Returns:
@@ -281,9 +380,17 @@ def perturbation_transform(
             )
         ascent = ascent_gradient(updates, axis_name, sync_perturbation)
         epsilon, extra_fields = perturb(ascent, params, state, grad_fn, extra_args)
-        out = select_on_rho(
-            rho, updates, lambda: evaluate(updates, params, epsilon, ascent, grad_fn, axis_name)
-        )
+        if evaluate_fields:
+            kept = {k: getattr(state, k) for k in evaluate_fields}
+            out, evaluated = select_on_rho(
+                rho, (updates, kept),
+                lambda: evaluate(updates, params, epsilon, ascent, grad_fn, axis_name,
+                                 state, extra_args))
+            extra_fields = {**extra_fields, **evaluated}
+        else:
+            out = select_on_rho(
+                rho, updates, lambda: evaluate(updates, params, epsilon, ascent, grad_fn, axis_name)
+            )
         out = mean_over_devices(out, axis_name)
 
         # A rule may give ||epsilon|| in closed form (saves a pass over the params).
@@ -296,9 +403,7 @@ def perturbation_transform(
         }
         # Per-device quantities differ across devices; average the logged scalars so
         # the optimizer state stays replicated (its out_specs can stay P()).
-        scalar_fields = {
-            k: v for k, v in extra_fields.items() if k in _PER_DEVICE_SCALARS
-        }
+        scalar_fields = {k: v for k, v in extra_fields.items() if k in per_device_fields}
         stats.update(scalar_fields)
         if axis_name is not None and not sync_perturbation:
             stats = mean_over_devices(stats, axis_name)
@@ -310,7 +415,3 @@ def perturbation_transform(
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-
-# Scalar state fields that depend on the local gradient and are device-averaged in
-# per-device mode (see perturbation_transform).
-_PER_DEVICE_SCALARS = ("eigen_cosine",)

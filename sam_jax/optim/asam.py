@@ -62,3 +62,6 @@ def asam(
     return _core.perturbation_transform(
         perturb, rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="asam"
     )
+
+
+ALGORITHM = _core.Algorithm(name="asam", factory=asam, title="ASAM")

@@ -101,3 +101,13 @@ def egr(
         evaluate=evaluate,
         name="egr",
     )
+
+
+def gradient_evals_per_step(mode="finite_difference", **_) -> float:
+    """Gradient evaluations per step of :func:`egr`: 2 with finite differences, 3
+    with ``mode="hvp"`` (1 gradient + 1 HVP counted as 2)."""
+    return 3.0 if mode == "hvp" else 2.0
+
+
+ALGORITHM = _core.Algorithm(name="egr", factory=egr, title="EGR",
+                            gradient_evals_per_step=gradient_evals_per_step)

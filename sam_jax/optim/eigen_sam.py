@@ -42,6 +42,8 @@ class EigenSAMState(NamedTuple):
     eigen_cosine: jax.Array
     has_eigenvector: jax.Array
 
+    logged_fields = ("eigenvalue", "eigen_cosine")  # read by sam_jax.optim.perturbation_stats
+
 
 def hessian_vector_product(grad_fn: _core.GradFn, params, vector, axis_name=None):
     """``H v`` by forward-over-reverse: the JVP of ``grad_fn`` at ``params`` along ``v``.
@@ -365,13 +367,25 @@ def eigen_sam(
         sync_perturbation=sync_perturbation,
         state_type=EigenSAMState,
         init_extra=init_extra,
+        per_device_fields=("eigen_cosine",),
         name="eigen_sam",
     )
 
 
-# Declarations read by `sam_jax.optim.registry` (so the training engine names no
-# algorithm): the options the engine fills in, the cost, and the host-side picker of
-# the compiled step kind (refresh or plain) for a given count.
+ALGORITHM = _core.Algorithm(
+    name="eigen_sam",
+    factory=eigen_sam,
+    title="Eigen-SAM",
+    gradient_evals_per_step=gradient_evals_per_step,
+    logged_fields=EigenSAMState.logged_fields,
+    update_inputs=(_core.EVAL_MODE_GRAD_FN,),  # the HVP's eval-mode gradient
+    engine_options=ENGINE_OPTIONS,
+    step_picker=refresh_picker,  # refresh step / plain step
+    step_kind_arg="eigen_refresh",
+)
+
+# The same declarations as attributes of the factory, for code written before
+# `ALGORITHM` existed.
 eigen_sam.engine_options = ENGINE_OPTIONS
 eigen_sam.gradient_evals_per_step = gradient_evals_per_step
 eigen_sam.step_picker = refresh_picker

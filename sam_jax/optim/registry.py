@@ -1,4 +1,12 @@
-"""Build SAM-family transforms by name, find their state, count their cost."""
+"""The SAM family by name: collects each member's `Algorithm` declaration.
+
+Every algorithm declares itself in its own module (``ALGORITHM``, a
+:class:`sam_jax.optim._core.Algorithm`: factory, cost, logged fields, extra
+``update`` inputs, engine options, step picker); this module only collects the
+declarations and answers questions about them by name, so that a training engine
+names no algorithm. Adding a variant: write its module with an ``ALGORITHM`` and
+add it to :data:`ALGORITHMS` here (or call :func:`register` from your own code).
+"""
 
 from __future__ import annotations
 
@@ -8,55 +16,64 @@ import jax
 import optax
 
 from sam_jax.optim import _core
-from sam_jax.optim._core import PerturbationState
-from sam_jax.optim.asam import asam
-from sam_jax.optim.egr import EGRState, egr
-from sam_jax.optim.eigen_sam import EigenSAMState, eigen_sam
-from sam_jax.optim.reverse_sam import reverse_sam
-from sam_jax.optim.sam import sam
-from sam_jax.optim.usam import usam
+from sam_jax.optim._core import Algorithm
+from sam_jax.optim.asam import ALGORITHM as _ASAM
+from sam_jax.optim.egr import ALGORITHM as _EGR
+from sam_jax.optim.egr import EGRState
+from sam_jax.optim.eigen_sam import ALGORITHM as _EIGEN_SAM
+from sam_jax.optim.eigen_sam import EigenSAMState
+from sam_jax.optim.gsam import ALGORITHM as _GSAM
+from sam_jax.optim.gsam import GSAMState
+from sam_jax.optim.identity import ALGORITHM as _SGD
+from sam_jax.optim.identity import identity as _identity  # backward-compatible name
+from sam_jax.optim.looksam import ALGORITHM as _LOOKSAM
+from sam_jax.optim.looksam import LookSAMState
+from sam_jax.optim.reverse_sam import ALGORITHM as _REVERSE_SAM
+from sam_jax.optim.sam import ALGORITHM as _SAM
+from sam_jax.optim.usam import ALGORITHM as _USAM
 
-STATE_TYPES = (PerturbationState, EigenSAMState, EGRState)
-
-
-def _identity(rho=0.0, *, axis_name=None, sync_perturbation=True, **kwargs):
-    """Plain SGD's "perturbation": the gradient passes through; ``grad_fn`` is ignored.
-
-    Takes the same multi-device options as the SAM family so that a training loop can
-    treat every phase alike: with ``axis_name`` the gradient is ``pmean``-ed (plain
-    data parallelism); ``sync_perturbation`` has nothing to act on.
-    """
-    del rho, sync_perturbation
-    if kwargs:
-        raise ValueError(f"'sgd' takes no options besides axis_name, got {sorted(kwargs)}")
-    _core.check_axis_name(axis_name)
-    if axis_name is None:
-        return optax.with_extra_args_support(optax.identity())
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        return _core.mean_over_devices(updates, axis_name), state
-
-    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
-
-
-PERTURBATIONS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
-    "sgd": _identity,
-    "sam": sam,
-    "usam": usam,
-    "asam": asam,
-    "reverse_sam": reverse_sam,
-    "eigen_sam": eigen_sam,
-    "egr": egr,
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a for a in (_SGD, _SAM, _USAM, _ASAM, _REVERSE_SAM, _EIGEN_SAM, _EGR, _GSAM, _LOOKSAM)
 }
+
+# name -> factory. Code may add a bare factory here (declarations are then read from
+# its attributes, see `Algorithm.from_factory`); `register` adds a full declaration.
+PERTURBATIONS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
+    name: declared.factory for name, declared in ALGORITHMS.items()
+}
+
+# The state types of the built-in members (kept for callers; `perturbation_stats`
+# finds any family state by its fields, see `_core.is_family_state`).
+STATE_TYPES = (_core.PerturbationState, EigenSAMState, EGRState, GSAMState, LookSAMState)
+
+
+def register(algorithm: Algorithm) -> None:
+    """Make ``algorithm`` available by its name (replaces one of the same name)."""
+    ALGORITHMS[algorithm.name] = algorithm
+    PERTURBATIONS[algorithm.name] = algorithm.factory
+
+
+def algorithm(name: str) -> Algorithm:
+    """The declaration of ``name``.
+
+    Raises:
+      ValueError: unknown name.
+    """
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
+    factory = PERTURBATIONS[name]
+    declared = ALGORITHMS.get(name)
+    if declared is not None and declared.factory is factory:
+        return declared
+    return Algorithm.from_factory(name, factory)
 
 
 def make_perturbation(name: str, rho=0.05, **kwargs) -> optax.GradientTransformationExtraArgs:
     """The perturbation transform called ``name`` with radius ``rho``.
 
     Args:
-      name: one of ``sgd`` (identity), ``sam``, ``usam``, ``asam``, ``reverse_sam``,
-        ``eigen_sam``, ``egr``.
+      name: a registered name: ``sgd`` (identity), ``sam``, ``usam``, ``asam``,
+        ``reverse_sam``, ``eigen_sam``, ``egr``, ``gsam``, ``looksam``, ...
       rho: perturbation radius (ignored by ``sgd``).
       **kwargs: the variant's own options (e.g. ``alpha=`` for ``eigen_sam``,
         ``axis_name=``).
@@ -68,10 +85,9 @@ def make_perturbation(name: str, rho=0.05, **kwargs) -> optax.GradientTransforma
     Raises:
       ValueError: unknown name, or an option the variant does not take.
     """
-    if name not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
+    factory = algorithm(name).factory
     try:
-        return PERTURBATIONS[name](rho, **kwargs)
+        return factory(rho, **kwargs)
     except TypeError as err:  # unexpected keyword: say which variant refused it
         raise ValueError(f"bad options for {name!r}: {err}") from None
 
@@ -79,43 +95,29 @@ def make_perturbation(name: str, rho=0.05, **kwargs) -> optax.GradientTransforma
 def gradient_evals_per_step(name: str, **kwargs) -> float:
     """Gradient evaluations one step of ``name`` costs, averaged over steps.
 
-    An HVP counts as 2. ``sgd``: 1; ``sam``, ``usam``, ``asam``, ``reverse_sam``: 2;
-    ``egr``: 2 (finite difference) or 3 (``mode="hvp"``); a factory that declares
-    ``gradient_evals_per_step`` (an attribute) gives its own, e.g. ``eigen_sam``:
-    ``2 + 2 * power_iters / refresh_every`` on the global counter (defaults 5 and
-    100: 2.1), ``2 + 2 * power_iters * floor((steps_per_epoch - 1) / refresh_every)
-    / steps_per_epoch`` on the per-epoch counter (the default when
-    ``steps_per_epoch`` is given).
+    The algorithm's own declaration (an HVP counts as 2): ``sgd``: 1; ``sam``,
+    ``usam``, ``asam``, ``reverse_sam``, ``gsam``: 2; ``egr``: 2 (finite
+    difference) or 3 (``mode="hvp"``); ``eigen_sam``: ``2 + 2 * power_iters /
+    refresh_every`` on the global counter (defaults 5 and 100: 2.1), ``2 + 2 *
+    power_iters * floor((steps_per_epoch - 1) / refresh_every) / steps_per_epoch`` on
+    the per-epoch counter; ``looksam``: ``1 + 1 / k``.
 
     Args:
       name: as in :func:`make_perturbation`.
-      **kwargs: the options that change the cost (``mode``, ``power_iters``,
-        ``refresh_every``, ``steps_per_epoch``, ``refresh_counter``); others are
-        ignored.
+      **kwargs: the options that change the cost; others are ignored.
     """
-    if name not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
-    if name == "sgd":
-        return 1.0
-    if name == "egr":
-        return 3.0 if kwargs.get("mode", "finite_difference") == "hvp" else 2.0
-    declared = getattr(PERTURBATIONS[name], "gradient_evals_per_step", None)
-    if declared is not None:
-        return float(declared(**kwargs))
-    return 2.0
+    return float(algorithm(name).gradient_evals_per_step(**kwargs))
 
 
 def engine_kwargs(name: str, kwargs: dict, **context) -> dict:
     """``kwargs`` plus what the engine knows and the transform asks for.
 
-    A factory may declare ``engine_options`` (an attribute: a tuple of option names,
-    e.g. Eigen-SAM's ``("steps_per_epoch",)``); each declared option that ``kwargs``
-    does not set is taken from ``context`` (e.g. ``steps_per_epoch=195``) when
-    there. Options the user set always win.
+    An algorithm may declare ``engine_options`` (option names, e.g. Eigen-SAM's
+    ``("steps_per_epoch",)``); each declared option that ``kwargs`` does not set is
+    taken from ``context`` (e.g. ``steps_per_epoch=195``) when there. Options the
+    user set always win.
     """
-    if name not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
-    wanted = getattr(PERTURBATIONS[name], "engine_options", ())
+    wanted = algorithm(name).engine_options
     extra = {k: context[k] for k in wanted
              if k not in kwargs and context.get(k) is not None}
     return {**kwargs, **extra}
@@ -124,33 +126,49 @@ def engine_kwargs(name: str, kwargs: dict, **context) -> dict:
 def step_picker(name: str, **kwargs) -> Callable[[int], bool] | None:
     """A host-side ``count -> bool`` choosing between two compiled step kinds.
 
-    For transforms whose steps differ in cost (Eigen-SAM: a refresh step and a plain
-    one) and that declare ``step_picker`` (an attribute building it from the
-    transform's options); None for all others. ``count`` is the transform's state
-    count before the step; the answer is what the in-graph schedule would do.
+    For algorithms whose steps differ in cost (Eigen-SAM: a refresh step and a plain
+    one; LookSAM: a full SAM step and a cheap one) and that declare a
+    ``step_picker``; None for all others. ``count`` is the transform's state count
+    before the step; the answer is what the in-graph schedule would do, and is
+    passed to ``update`` as the keyword :func:`step_kind_arg`.
     """
-    if name not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
-    build = getattr(PERTURBATIONS[name], "step_picker", None)
+    build = algorithm(name).step_picker
     return None if build is None else build(**kwargs)
+
+
+def step_kind_arg(name: str) -> str | None:
+    """The ``update`` keyword that takes the kind picked by :func:`step_picker`."""
+    return algorithm(name).step_kind_arg
+
+
+def logged_fields(name: str) -> tuple:
+    """State fields ``name`` logs beyond ``grad_norm``, ``perturbation_norm``, ``count``."""
+    return tuple(algorithm(name).logged_fields)
+
+
+def update_inputs(name: str) -> tuple:
+    """Names from ``_core.ENGINE_INPUTS`` that ``name``'s ``update`` accepts."""
+    return tuple(algorithm(name).update_inputs)
 
 
 def perturbation_stats(opt_state) -> dict[str, jax.Array]:
     """What to log from the first SAM-family state found inside ``opt_state``.
 
     Searches any nesting of optax states (``chain``, ``inject_hyperparams``,
-    ``MultiSteps``, ...).
+    ``MultiSteps``, ...). A family state is any NamedTuple with ``count``,
+    ``grad_norm`` and ``perturbation_norm``; its type's ``logged_fields`` class
+    attribute names what else it logs.
 
     Args:
       opt_state: an optax optimizer state.
 
     Returns:
-      ``{"grad_norm", "perturbation_norm", "count"}`` plus ``"eigenvalue"`` and
-      ``"eigen_cosine"`` for Eigen-SAM, and ``"rho"`` when an enclosing
-      ``inject_hyperparams`` state holds it; ``{}`` when there is no SAM-family
-      state (e.g. plain SGD).
+      ``{"grad_norm", "perturbation_norm", "count"}`` plus the state's own logged
+      fields (e.g. ``"eigenvalue"`` and ``"eigen_cosine"`` for Eigen-SAM), and
+      ``"rho"`` when an enclosing ``inject_hyperparams`` state holds it; ``{}`` when
+      there is no SAM-family state (e.g. plain SGD).
     """
-    is_ours = lambda x: isinstance(x, STATE_TYPES)  # noqa: E731
+    is_ours = _core.is_family_state
     is_injected = lambda x: isinstance(x, optax.InjectStatefulHyperparamsState)  # noqa: E731
     for node in jax.tree.leaves(opt_state, is_leaf=lambda x: is_ours(x) or is_injected(x)):
         if is_injected(node):
@@ -160,13 +178,5 @@ def perturbation_stats(opt_state) -> dict[str, jax.Array]:
             if inner:
                 return inner
         elif is_ours(node):
-            stats = {
-                "grad_norm": node.grad_norm,
-                "perturbation_norm": node.perturbation_norm,
-                "count": node.count,
-            }
-            if isinstance(node, EigenSAMState):
-                stats["eigenvalue"] = node.eigenvalue
-                stats["eigen_cosine"] = node.eigen_cosine
-            return stats
+            return _core.family_stats(node)
     return {}

@@ -42,3 +42,6 @@ def reverse_sam(
         normalized_ascent_rule(rho, eps, direction=-1.0), rho, axis_name=axis_name, sync_perturbation=sync_perturbation,
         name="reverse_sam",
     )
+
+
+ALGORITHM = _core.Algorithm(name="reverse_sam", factory=reverse_sam, title="Reverse-SAM")

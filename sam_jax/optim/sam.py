@@ -72,3 +72,6 @@ def sam(
     return _core.perturbation_transform(
         normalized_ascent_rule(rho, eps), rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="sam"
     )
+
+
+ALGORITHM = _core.Algorithm(name="sam", factory=sam, title="SAM")

@@ -45,3 +45,6 @@ def usam(
     return _core.perturbation_transform(
         perturb, rho, axis_name=axis_name, sync_perturbation=sync_perturbation, name="usam"
     )
+
+
+ALGORITHM = _core.Algorithm(name="usam", factory=usam, title="USAM")

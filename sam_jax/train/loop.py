@@ -96,7 +96,7 @@ def optimizer_spec(config: TrainConfig, phase: Phase,
 
     ``steps_per_epoch`` (the run's optimizer steps per epoch) is handed to the
     perturbation when it declares it wants it and the phase does not set it (the
-    transform's ``engine_options``, e.g. Eigen-SAM's per-epoch refresh counter).
+    algorithm's declared ``engine_options``).
     """
     decoupled = config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0
     kwargs = {}
@@ -111,24 +111,24 @@ def optimizer_spec(config: TrainConfig, phase: Phase,
 
 
 def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_classes: int,
-                eigen_refresh: Optional[bool] = None):
+                step_kind: Optional[bool] = None):
     per_device = config.per_device_perturbation and spec.name != "sgd"
     l2 = config.weight_decay if config.weight_decay_mode == "loss" else 0.0
     key = (_model_key(config, num_classes), spec, float(config.label_smoothing), float(l2),
-           per_device, _mesh_key(mesh), eigen_refresh)
+           per_device, _mesh_key(mesh), step_kind)
     if key not in _TRAIN_STEPS:
         step = make_train_step(model, spec, label_smoothing=config.label_smoothing,
                                l2_weight_decay=l2,
                                axis_name=parallel.DATA_AXIS if per_device else None,
-                               sync_perturbation=not per_device, eigen_refresh=eigen_refresh)
+                               sync_perturbation=not per_device, step_kind=step_kind)
         _TRAIN_STEPS[key] = parallel.jit_train_step(step, mesh, per_device)
     return _TRAIN_STEPS[key]
 
 
 def _host_step_picker(config: TrainConfig, spec: OptimizerSpec):
-    """``count -> bool`` for a phase whose transform has two compiled step kinds
-    (declared ``step_picker``) when the host decides (``eigen_refresh_on_host``), else
-    None. The picker applies the transform's own in-graph rule."""
+    """``count -> bool`` for a phase whose algorithm has two compiled step kinds
+    (declared ``step_picker``) when the host decides (the config's host-picking
+    flag), else None. The picker applies the transform's own in-graph rule."""
     if not config.eigen_refresh_on_host or spec.name == "sgd":
         return None
     return optim_registry.step_picker(spec.name, **dict(spec.kwargs))
@@ -149,7 +149,7 @@ def check_config(config: TrainConfig) -> list[Phase]:
     config.validate()
     phases = list(config.phase_list)
     # The real steps per epoch needs the data; any positive value validates options
-    # that depend on it (e.g. Eigen-SAM's refresh_counter='epoch').
+    # that depend on it (an algorithm's declared engine options).
     steps_for_validation = config.steps_per_epoch or 1
     for phase in phases:
         if phase.name not in optim.PERTURBATIONS:
@@ -303,12 +303,12 @@ def run(config: TrainConfig) -> RunResult:
             if picker is None:
                 step_fn = _train_step(model, config, spec, mesh, num_classes)
             else:
-                # Two compiled step kinds (Eigen-SAM: refresh / plain), picked on the
-                # host by the transform's own rule on its count, read from the state at
-                # each epoch start (so a switch, 'carry', a resume and init_from all
-                # count right).
-                eigen_steps = {flag: _train_step(model, config, spec, mesh, num_classes, flag)
-                               for flag in (False, True)}
+                # Two compiled step kinds (expensive / cheap, as the algorithm
+                # declares), picked on the host by the transform's own rule on its
+                # count, read from the state at each epoch start (so a switch,
+                # 'carry', a resume and init_from all count right).
+                kind_steps = {flag: _train_step(model, config, spec, mesh, num_classes, flag)
+                              for flag in (False, True)}
                 count = int(jax.device_get(state.opt_state[PERTURBATION_INDEX].count))
             progress.describe(epoch, phase.name)
             t_epoch = time.time()
@@ -320,7 +320,7 @@ def run(config: TrainConfig) -> RunResult:
                 lr = schedule(global_step)
                 rng = dropout_key(config.seed, global_step, shards)
                 if picker is not None:
-                    step_fn = eigen_steps[picker(count)]
+                    step_fn = kind_steps[picker(count)]
                     count += 1
                 state, metrics = step_fn(state, parallel.put_batch(batch, mesh),
                                          np.float32(lr), rng)
@@ -403,10 +403,14 @@ def _train_record(step_metrics: list[dict]) -> dict:
         "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
         "perturbation_norm": float(np.mean([m["perturbation_norm"] for m in step_metrics])),
     }
-    for key in ("eigenvalue", "eigen_cosine"):
-        if key in step_metrics[0]:
-            record[key] = float(step_metrics[-1][key])  # latest estimate
+    for key in step_metrics[0]:  # the algorithm's declared logged fields
+        if key not in _STEP_METRICS:
+            record[key] = float(step_metrics[-1][key])  # latest value
     return record
+
+
+# Metrics every train step returns (`make_train_step`); others are the algorithm's.
+_STEP_METRICS = ("loss_sum", "correct", "count", "grad_norm", "perturbation_norm")
 
 
 def _evaluate(eval_fn, state: TrainState, dataset, batch_size: int, mesh) -> dict:

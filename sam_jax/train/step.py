@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_jax import optim
+from sam_jax.optim import _core as optim_core
+from sam_jax.optim import registry as optim_registry
 
 Params = Any
 
@@ -121,9 +123,14 @@ def l2_penalty(params: Params) -> jax.Array:
 def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: float,
                     l2_weight_decay: float, axis_name: Optional[str] = None,
                     sync_perturbation: bool = True,
-                    eigen_hvp_in_eval_mode: bool = True,
-                    eigen_refresh: Optional[bool] = None) -> Callable:
+                    eval_mode_curvature: bool = True,
+                    step_kind: Optional[bool] = None,
+                    **step_kind_alias) -> Callable:
     """The pure train step ``(state, batch, lr, rng) -> (state, metrics)``.
+
+    Everything algorithm-specific comes from the phase's declaration
+    (`sam_jax.optim.registry`): the extra ``update`` inputs it asks for, the fields
+    it logs, and its step kinds.
 
     Args:
       model: Flax module ``__call__(x, train)``.
@@ -134,22 +141,39 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         then the loss, BatchNorm statistics, metrics and (for SGD / ρ = 0) the
         gradient are pmean-ed here, the SAM transform pmeans its own output.
       sync_perturbation: see `build_optimizer`.
-      eigen_hvp_in_eval_mode: Eigen-SAM's HVP with BN running statistics
-        (released code); otherwise on ``grad_fn`` (train mode).
-      eigen_refresh: Eigen-SAM only: ``True`` / ``False`` compiles a step that
-        always / never refreshes the eigenvector (``update(..., eigen_refresh=...)``,
-        no ``lax.cond``; the caller picks one per step by the transform's own
-        rule, `sam_jax.optim.registry.step_picker`, i.e.
-        `sam_jax.optim.eigen_sam.is_refresh_step` with the phase's options); None
+      eval_mode_curvature: an algorithm that asks for the eval-mode gradient
+        function (``optim._core.EVAL_MODE_GRAD_FN``, e.g. for HVPs) gets it with
+        BN running statistics (released code of the algorithms that do); otherwise
+        it uses ``grad_fn`` (train mode).
+      step_kind: for algorithms with two step kinds (declared ``step_picker``):
+        ``True`` / ``False`` compiles the expensive / cheap kind, passed to
+        ``update`` under the algorithm's ``step_kind_arg`` (no ``lax.cond``); the
+        caller picks one per step with `sam_jax.optim.registry.step_picker`. None
         keeps the transform's in-graph schedule.
+      **step_kind_alias: ``step_kind`` under the algorithm's own keyword (its
+        declared ``step_kind_arg``), as older callers pass it.
 
     Returns:
       ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
-      (``loss_sum``, ``correct``, ``count``) and the norms ``grad_norm``,
-      ``perturbation_norm``.
+      (``loss_sum``, ``correct``, ``count``), the norms ``grad_norm``,
+      ``perturbation_norm`` and the algorithm's declared logged fields.
     """
-    if eigen_refresh is not None and spec.name != "eigen_sam":
-        raise ValueError(f"eigen_refresh is an Eigen-SAM option; the phase is {spec.name!r}")
+    declared = optim_registry.algorithm(spec.name)
+    own_arg = declared.step_kind_arg
+    for key, value in step_kind_alias.items():
+        if value is None:  # None is the default kind under any name
+            continue
+        if key != own_arg:
+            owners = [a.title for a in optim_registry.ALGORITHMS.values()
+                      if a.step_kind_arg == key]
+            if not owners:
+                raise TypeError(f"make_train_step() got an unexpected keyword argument {key!r}")
+            article = "an" if owners[0][:1] in "AEIOU" else "a"
+            raise ValueError(f"{key} is {article} {owners[0]} option; the phase is {spec.name!r}")
+        step_kind = value
+    if step_kind is not None and own_arg is None:
+        raise ValueError(f"the phase {spec.name!r} has one kind of step; step_kind must be None")
+    logged, inputs = declared.logged_fields, declared.update_inputs
     tx = build_optimizer(spec, axis_name, sync_perturbation)
     passes_through = spec.name == "sgd" or spec.rho == 0
 
@@ -178,10 +202,17 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         def grad_fn(params):  # train-mode BN; its updated statistics are discarded
             return jax.grad(lambda p: loss_and_aux(p, state.batch_stats, batch, rng)[0])(params)
 
-        extra = {} if eigen_refresh is None else {"eigen_refresh": bool(eigen_refresh)}
-        if spec.name == "eigen_sam" and eigen_hvp_in_eval_mode and state.batch_stats:
-            extra["hvp_grad_fn"] = jax.grad(
-                lambda p: loss_and_aux(p, state.batch_stats, batch, rng, train=False)[0])
+        extra = {} if step_kind is None else {own_arg: bool(step_kind)}
+        for name in inputs:  # what the algorithm asks for, from what the engine has
+            if name == optim_core.EVAL_MODE_GRAD_FN:
+                if eval_mode_curvature and state.batch_stats:
+                    extra[name] = jax.grad(
+                        lambda p: loss_and_aux(p, state.batch_stats, batch, rng, train=False)[0])
+            elif name == optim_core.LEARNING_RATE:
+                extra[name] = lr
+            else:
+                raise ValueError(f"{spec.name!r} asks for update input {name!r}, which this "
+                                 f"engine does not provide ({optim_core.ENGINE_INPUTS})")
         grad_norm = optax.tree.norm(grads)
         direction, opt_state = tx.update(grads, state.opt_state, state.params,
                                          grad_fn=grad_fn, **extra)
@@ -196,9 +227,8 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
                    "count": jnp.sum(weights), "grad_norm": grad_norm}
         stats = optim.perturbation_stats(opt_state)
         metrics["perturbation_norm"] = stats.get("perturbation_norm", jnp.zeros((), jnp.float32))
-        for key in ("eigenvalue", "eigen_cosine"):
-            if key in stats:
-                metrics[key] = stats[key]
+        for key in logged:
+            metrics[key] = stats[key]
         if axis_name is not None:
             sums = {k: jax.lax.psum(metrics[k], axis_name) for k in ("loss_sum", "correct", "count")}
             means = jax.lax.pmean({k: v for k, v in metrics.items() if k not in sums}, axis_name)
