@@ -326,6 +326,11 @@ def verdicts(cfg: PhaseConfig, results: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
+def _seed_text(seeds):
+    seeds = list(seeds)
+    return f"seeds {seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else f"seeds {seeds}"
+
+
 def _range(v):
     return "" if v is None else f" (||mu|| in [{v[0]:.3g}, {v[1]:.3g}])"
 
@@ -386,16 +391,24 @@ def plot_grid(cfg: PhaseConfig, results: dict, kind: str, workdir: Path, seeds: 
     axes[2].plot(line_x, boundary, color="#E69F00", lw=2, ls="--")
     axes[2].set_title(f"SGD − SAM test error (black: +{WIN:g})")
     fig.colorbar(mesh, ax=axes[2], shrink=0.9).set_label("SGD error − SAM error (> 0: SAM better)")
+    import matplotlib.ticker as mticker
+
+    nice = np.array([0.1, 0.25, 0.5, 1, 2, 4, 8, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000])
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("signal norm ‖μ‖")
         ax.set_ylim(_edges(norms)[0], _edges(norms)[-1])
+        ax.set_xlim(_edges(xs)[0], _edges(xs)[-1])
+        for axis, lo, hi in ((ax.xaxis, *_edges(xs)[[0, -1]]), (ax.yaxis, *_edges(norms)[[0, -1]])):
+            axis.set_major_locator(mticker.FixedLocator(nice[(nice >= lo) & (nice <= hi)]))
+            axis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(mticker.NullFormatter())
         ax.grid(False)
     fig.suptitle(f"Patch data (P = {cfg.num_patches}, σ_p = {cfg.noise_std:g}, p = {cfg.flip_prob:g}, {fixed}), "
                  f"two-layer ReLU patch CNN (m = {cfg.width}), {cfg.steps} steps, batch {cfg.batch_size}, "
-                 f"lr {cfg.lr:g}; mean over {len(seeds)} seeds per cell.\nWhite: error = p + {NEAR:g} (solid), "
+                 f"lr {cfg.lr:g}; mean over {len(seeds)} seeds ({_seed_text(seeds)}) per cell.\nWhite: error = p + {NEAR:g} (solid), "
                  f"p + {HARM:g} (dotted); red tick on the colour bar: p.", fontsize=9)
     return common.save_figure(fig, workdir / f"phase_{kind}_vs_norm.png")
 
