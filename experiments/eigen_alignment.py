@@ -39,11 +39,25 @@ Command::
 
     python -m experiments.eigen_alignment --scale cpu --workdir runs/eigen_alignment_cpu
 
-Runtime on the shared 2-core CPU: tiny ~1 min; cpu: see docs/experiments.md (measured
-wall and CPU time there); paper (CIFAR-10, 6-layer CNN, 200 epochs, 5 seeds): an
-estimate of ~1 GPU-day (3 optimizers × 5 seeds × 200 epochs plus the Lanczos
-measurements), not run here. Result at cpu scale: docs/experiments.md
-(and /work/notes/eigen_alignment.md).
+Runtime on the shared 2-core CPU (2026-11-29): tiny 30 s CPU (3 min wall under load
+~12); cpu 434 s CPU (user + sys), 11 min 12 s wall under load 5.6-8 (30 runs: 2
+settings × 3 optimizers × 5 seeds; compilation is about a third); paper (CIFAR-10,
+6-layer CNN, 200 epochs, 5 seeds): an estimate of ~1 GPU-day (3 optimizers × 5 seeds ×
+200 epochs plus the Lanczos measurements), not run here.
+
+Result at cpu scale (seeds 0-4; paired differences with 95 % t-intervals):
+
+* MNIST-1D / cnn1d: SAM's perturbation is poorly aligned with v₁ (mean |cos| 0.377 ±
+  0.052); Eigen-SAM's ε is better aligned, +0.085 [+0.063, +0.108] (its own estimate v
+  has |cos(v, v₁)| 0.66); final λ_max Eigen-SAM 9.95, SAM 10.47, SGD 14.34: Eigen-SAM −
+  SAM −0.53 [−1.23, +0.17] (not resolved), Eigen-SAM − SGD −4.39 [−5.58, −3.20].
+* digits / cnn6 (width 8): no claim held. SAM's mean |cos| is 0.556 (not poor by our
+  0.5 criterion), Eigen-SAM's ε 0.559 (+0.003 [−0.064, +0.070]); its estimate v is
+  stale (|cos(v, v₁)| 0.19 with the fresh minibatch v₁, one refresh per epoch); λ_max
+  falls to ≈ 2.4-2.7 for all three as the cosine learning rate decays (SAM is lower
+  than SGD during training: mean over training −9.98 [−14.40, −5.56]).
+* Test accuracy does not separate (Eigen-SAM − SAM −0.39 and −0.14 points, CIs
+  include 0). Tables: docs/experiments.md (/work/notes/eigen_alignment.md).
 
 Not known from the paper and chosen by us (each an option below): the 6-layer CNN's
 exact layers (``sam_jax.models.cnn.CNN6`` documents our reading), the learning rate,
