@@ -41,8 +41,13 @@ Claims tested (criteria printed with each verdict):
   SAM test accuracy lies above 0 ("better"), below 0 ("worse"), or contains 0
   ("no detectable difference"); overall: better in the majority of (setting, model).
 * SAM beats SGD (the premise): the same test on SAM − SGD.
-* Eigen-SAM's extra cost is small: its gradient evaluations are within 10 % of SAM's
-  (the paper's "slight increase").
+* Eigen-SAM's extra cost: its gradient evaluations relative to SAM's equal
+  1 + power_iters · refreshes per epoch / steps per epoch (one refresh per epoch: 1.045
+  at 112 steps, 1.125 at 40 steps, 1.026 at the paper's 195), plus the measured
+  epoch-time ratio (noisy on the shared CPU).
+* Collapsed runs (final train accuracy < 2/classes: a constant predictor) are kept in
+  the table and counted; the paired difference without them is printed as a
+  supplement.
 
 Command::
 
@@ -69,6 +74,8 @@ from experiments import common
 
 #: The released code refreshes at step 100 of the 195 steps of a CIFAR epoch (batch 256).
 PAPER_REFRESH_FRACTION = 100 / 195
+PAPER_STEPS_PER_EPOCH = 195
+PAPER_POWER_ITERS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +315,8 @@ def run_all(cfg: TableConfig, seeds: Sequence[int], workdir: Path) -> dict:
                            "grad_evals": result.grad_evals,
                            "median_epoch_time_s": float(np.median(times[1:] or times)),
                            "wall_time_s": last.get("wall_time")}
+                    # A constant predictor (collapsed training): kept, but flagged.
+                    rec["at_chance"] = bool(last["train_acc"] < 2.0 / validation.num_classes)
                     if clean_validation is not None:
                         rec["val_acc_clean_labels"] = common.evaluate(
                             module, result.variables, clean_validation)["acc"]
@@ -344,8 +353,10 @@ def selections(cfg: TableConfig, per_model: dict, seeds: Sequence[int]) -> dict:
             "eigen_val_by_alpha": alpha_means}
 
 
-def summarize(cfg: TableConfig, runs: dict, seeds: Sequence[int]) -> list[dict]:
-    """One row per (setting, model)."""
+def summarize(cfg: TableConfig, runs: dict, seeds: Sequence[int],
+              schedule: dict | None = None) -> list[dict]:
+    """One row per (setting, model); ``schedule`` (per setting: steps_per_epoch,
+    refreshes_per_epoch, power_iters) gives the predicted cost ratio."""
     rows = []
     for setting in cfg.settings:
         for model, model_kwargs in setting.models:
@@ -367,6 +378,14 @@ def summarize(cfg: TableConfig, runs: dict, seeds: Sequence[int]) -> list[dict]:
                 row[label] = {k: common.mean_std(get(name, k))
                               for k in ("test_acc", "val_acc", "test_loss", "grad_evals",
                                         "median_epoch_time_s")}
+                row[label]["at_chance"] = int(sum(bool(v) for v in get(name, "at_chance")))
+            # Supplementary: the paired difference over the seeds where neither run
+            # collapsed to a constant predictor.
+            kept = [i for i, s in enumerate(seeds) if not per_model[eig][s]["at_chance"]
+                    and not per_model[sam][s]["at_chance"]]
+            row["eigen_minus_sam_without_collapsed"] = (common.paired_difference(
+                [get(eig, "test_acc")[i] for i in kept], [get(sam, "test_acc")[i] for i in kept])
+                if kept else None)
             row["eigen_minus_sam"] = common.paired_difference(get(eig, "test_acc"),
                                                               get(sam, "test_acc"))
             row["sam_minus_sgd"] = common.paired_difference(get(sam, "test_acc"),
@@ -385,6 +404,12 @@ def summarize(cfg: TableConfig, runs: dict, seeds: Sequence[int]) -> list[dict]:
                 "epoch_time_ratio_sam_to_sgd": float(sam_time / np.mean(
                     get("sgd", "median_epoch_time_s"))),
             }
+            sch = (schedule or {}).get(setting.name)
+            # One refresh = power_iters HVPs = 2·power_iters gradient evaluations, against
+            # SAM's 2 per step.
+            row["cost"]["grad_evals_ratio_predicted"] = (
+                1 + sch["power_iters"] * sch["refreshes_per_epoch"] / sch["steps_per_epoch"]
+                if sch else float("nan"))
             rows.append(row)
     return rows
 
@@ -405,6 +430,7 @@ def claims(rows: list[dict]) -> dict:
     worse = sum(p["eigen_vs_sam"] == "worse" for p in per)
     sam_better = sum(p["sam_vs_sgd"] == "better" for p in per)
     evals = [r["cost"]["grad_evals_ratio_eigen_to_sam"] for r in rows]
+    predicted = [r["cost"]["grad_evals_ratio_predicted"] for r in rows]
     return {
         "per_row": per,
         "eigen_better_than_sam_rows": better, "eigen_worse_than_sam_rows": worse,
@@ -412,18 +438,26 @@ def claims(rows: list[dict]) -> dict:
         "eigen_beats_sam_majority": better > len(rows) / 2,
         "sam_beats_sgd_majority": sam_better > len(rows) / 2,
         "max_grad_evals_ratio": max(evals),
-        "eigen_cost_within_10pct": max(evals) <= 1.10,
+        "grad_evals_ratio_matches_schedule": all(abs(e - p) < 1e-9 for e, p in zip(evals, predicted)),
+        "grad_evals_ratio_at_paper_schedule": 1 + PAPER_POWER_ITERS / PAPER_STEPS_PER_EPOCH,
+        "eigen_collapsed_runs": sum(r["eigen_sam"]["at_chance"] for r in rows),
+        "sam_collapsed_runs": sum(r["sam"]["at_chance"] for r in rows),
         "mean_paired_eigen_minus_sam": float(np.mean([r["eigen_minus_sam"]["mean"] for r in rows])),
     }
+
+
+def _cell(row: dict, method: str) -> str:
+    text = common.fmt_mean_std(row[method]["test_acc"], 2, 100)
+    k = row[method]["at_chance"]
+    return text + (f" ({k}/{row[method]['test_acc']['n']} at chance)" if k else "")
 
 
 def format_table(rows: list[dict]) -> str:
     header = ["setting", "model", "SGD test %", "SAM test %", "Eigen-SAM test %", "ρ*", "α*",
               "Eigen − SAM (paired, 95 % CI) %", "grad evals E/S", "epoch time E/S"]
     table = [[r["setting"], r["model_label"],
-              common.fmt_mean_std(r["sgd"]["test_acc"], 2, 100),
-              common.fmt_mean_std(r["sam"]["test_acc"], 2, 100),
-              common.fmt_mean_std(r["eigen_sam"]["test_acc"], 2, 100), f"{r['rho']:g}",
+              _cell(r, "sgd"),
+              _cell(r, "sam"), _cell(r, "eigen_sam"), f"{r['rho']:g}",
               f"{r['alpha']:g}",
               common.fmt_paired(r["eigen_minus_sam"], 2, 100).split(" (")[0],
               f"{r['cost']['grad_evals_ratio_eigen_to_sam']:.3f}",
@@ -539,7 +573,7 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
     workdir = common.prepare_workdir(workdir)
     with common.Timer() as timer:
         out = run_all(cfg, seeds, workdir)
-        rows = summarize(cfg, out["runs"], seeds)
+        rows = summarize(cfg, out["runs"], seeds, out["schedule"])
         claim = claims(rows)
         figures = [plot_table(rows, out["runs"], seeds, workdir / "eigen_table.png", scale),
                    plot_alpha(cfg, rows, out["runs"], seeds, workdir / "eigen_table_alpha.png",
@@ -573,6 +607,10 @@ def verdict_lines(results: dict) -> list[str]:
         lines.append(f"{p['setting']:>16s} {p['model']:6s}: Eigen-SAM vs SAM {p['eigen_vs_sam']}"
                      f" ({common.fmt_paired(r['eigen_minus_sam'], 2, 100)} %); SAM vs SGD "
                      f"{p['sam_vs_sgd']} ({common.fmt_paired(r['sam_minus_sgd'], 2, 100)} %)")
+        if r["eigen_sam"]["at_chance"] or r["sam"]["at_chance"]:
+            w = r["eigen_minus_sam_without_collapsed"]
+            lines.append(f"{'':>24s}without the collapsed seeds: Eigen − SAM "
+                         + (common.fmt_paired(w, 2, 100) + " %" if w else "no seed left"))
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     lines += [
         f"Eigen-SAM beats SAM (paired 95 % CI of test acc difference > 0) in a majority of "
@@ -581,8 +619,12 @@ def verdict_lines(results: dict) -> list[str]:
         f"{100 * c['mean_paired_eigen_minus_sam']:+.2f} %)",
         f"SAM beats SGD (same criterion) in a majority: {yes(c['sam_beats_sgd_majority'])} "
         f"({c['sam_better_than_sgd_rows']}/{c['rows']})",
-        f"Eigen-SAM costs ≤ 10 % more gradient evaluations than SAM: "
-        f"{yes(c['eigen_cost_within_10pct'])} (max ratio {c['max_grad_evals_ratio']:.3f})",
+        f"runs collapsed to a constant predictor (train acc < 2/classes; kept in the table): "
+        f"Eigen-SAM(ρ*, α*) {c['eigen_collapsed_runs']}, SAM(ρ*) {c['sam_collapsed_runs']}",
+        f"Eigen-SAM's gradient evaluations / SAM's = 1 + power_iters × refreshes per epoch / "
+        f"steps per epoch, as the per-epoch schedule predicts: "
+        f"{yes(c['grad_evals_ratio_matches_schedule'])} (here up to {c['max_grad_evals_ratio']:.3f}; "
+        f"at the paper's 195 steps per epoch {c['grad_evals_ratio_at_paper_schedule']:.3f})",
     ]
     return lines
 

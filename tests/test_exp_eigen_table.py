@@ -57,7 +57,8 @@ def _per_model(val, test):
                          "grad_evals": 300.0 if name == "sgd" else
                          (600.0 if name.startswith("sam") else 630.0),
                          "median_epoch_time_s": 1.0 if name == "sgd" else
-                         (2.0 if name.startswith("sam") else 2.2)}
+                         (2.0 if name.startswith("sam") else 2.2),
+                         "at_chance": bool(test[name][s] < 0.2)}
                      for s in range(len(val[name]))}
     return out
 
@@ -75,7 +76,8 @@ def test_rho_then_alpha_are_selected_on_validation_and_reported_on_test():
             "eigen_sam_rho0.05_alpha0.1": base + np.array([0.02, 0.03, 0.022]),
             "eigen_sam_rho0.05_alpha0.2": base + 0.09}
     runs = {"toy": {"mlp": _per_model(val, test)}}
-    (row,) = et.summarize(cfg, runs, [0, 1, 2])
+    schedule = {"toy": {"steps_per_epoch": 100, "refreshes_per_epoch": 1, "power_iters": 5}}
+    (row,) = et.summarize(cfg, runs, [0, 1, 2], schedule)
     assert (row["rho"], row["alpha"]) == (0.05, 0.1)
     assert row["sam"]["test_acc"]["mean"] == pytest.approx(np.mean(base) + 0.01)
     assert row["eigen_sam"]["test_acc"]["mean"] == pytest.approx(np.mean(base) + 0.024)
@@ -89,7 +91,20 @@ def test_rho_then_alpha_are_selected_on_validation_and_reported_on_test():
     assert row["cost"]["epoch_time_ratio_sam_to_sgd"] == pytest.approx(2.0)
     claim = et.claims([row])
     assert claim["per_row"][0]["eigen_vs_sam"] == "better"   # CI [0.004, 0.024] > 0
-    assert claim["eigen_beats_sam_majority"] and claim["eigen_cost_within_10pct"]
+    assert claim["eigen_beats_sam_majority"]
+    # 1 refresh × 5 HVPs (10 gradients) per 100 steps of SAM (200 gradients): 1.05.
+    assert row["cost"]["grad_evals_ratio_predicted"] == pytest.approx(1.05)
+    assert claim["grad_evals_ratio_matches_schedule"]
+    assert claim["grad_evals_ratio_at_paper_schedule"] == pytest.approx(1 + 5 / 195)
+    assert claim["eigen_collapsed_runs"] == 0 and row["eigen_sam"]["at_chance"] == 0
+    # A collapsed Eigen-SAM seed stays in the table and is left out of the supplement.
+    test["eigen_sam_rho0.05_alpha0.1"] = base + np.array([-0.72, 0.03, 0.022])
+    (row,) = et.summarize(cfg, {"toy": {"mlp": _per_model(val, test)}}, [0, 1, 2], schedule)
+    assert row["eigen_sam"]["at_chance"] == 1
+    assert row["eigen_minus_sam"]["n"] == 3
+    without = row["eigen_minus_sam_without_collapsed"]
+    assert without["n"] == 2 and without["mean"] == pytest.approx((0.018 + 0.014) / 2)
+    assert "(1/3 at chance)" in et.format_table([row])
     # Ties go to the smaller value.
     assert et.select([0.1, 0.2], lambda a: [0.5, 0.7])[0] == 0.1
     assert et.select([0.2, 0.05], lambda a: [0.5 + a])[0] == 0.2
