@@ -14,6 +14,10 @@ the multi-device contract of ``docs/ARCHITECTURE.md`` (``axis_name``,
 ``sync_perturbation``), the logged norms, the step counter, and the guarantee that
 ``rho == 0`` returns the incoming gradient untouched (bit for bit the base optimizer),
 also when ``rho`` is a traced value under ``optax.inject_hyperparams``.
+
+It also defines :class:`Algorithm`, the declaration each member's module exports as
+``ALGORITHM`` (cost, logged fields, extra ``update`` inputs, step kinds), and the
+in-graph tools several members share (:func:`hessian_vector_product`).
 """
 
 from __future__ import annotations
@@ -203,6 +207,20 @@ def gradient_at(
     return jax.tree.map(lambda g, ref: g.astype(ref.dtype), perturbed, like)
 
 
+# In-graph curvature tool used by several members (Eigen-SAM, EGR).
+
+
+def hessian_vector_product(grad_fn: GradFn, params, vector, axis_name=None):
+    """``H v`` by forward-over-reverse: the JVP of ``grad_fn`` at ``params`` along ``v``.
+
+    With ``axis_name`` (inside ``shard_map`` / ``pmap``) it is each device's own
+    ``H v``; average it with ``pmean`` for the global batch's.
+    """
+    tangent = jax.tree.map(lambda p, v: v.astype(p.dtype), params, vector)
+    point, tangent = as_per_device((params, tangent), axis_name)
+    return jax.jvp(grad_fn, (point,), (tangent,))[1]
+
+
 # ---------------------------------------------------------------------------
 # Multi-device helpers (docs/ARCHITECTURE.md, "Optimizers").
 # ---------------------------------------------------------------------------
@@ -330,7 +348,9 @@ def perturbation_transform(
 
     Args:
       perturb: ``perturb(ascent_grads, params, state, grad_fn, extra_args) ->
-        (epsilon, extra_fields)``; ``extra_fields`` updates the variant's own state
+        (epsilon, extra_fields)``; ``epsilon`` may be None for a member that
+        evaluates no perturbed point (EGR's ``mode="hvp"``; its ``evaluate`` then
+        gets None); ``extra_fields`` updates the variant's own state
         fields (e.g. Eigen-SAM's eigenvector) and may carry ``"perturbation_norm"``
         in closed form (otherwise ``||epsilon||`` is computed).
       rho: perturbation radius (a number, or a traced scalar under
@@ -396,7 +416,7 @@ def perturbation_transform(
         # A rule may give ||epsilon|| in closed form (saves a pass over the params).
         perturbation_norm = extra_fields.pop("perturbation_norm", None)
         if perturbation_norm is None:
-            perturbation_norm = tree_norm(epsilon)
+            perturbation_norm = 0.0 if epsilon is None else tree_norm(epsilon)
         stats = {
             "grad_norm": tree_norm(ascent).astype(jnp.float32),
             "perturbation_norm": jnp.asarray(perturbation_norm).astype(jnp.float32),

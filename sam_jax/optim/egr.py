@@ -8,7 +8,6 @@ import jax
 import optax
 
 from sam_jax.optim import _core
-from sam_jax.optim.eigen_sam import hessian_vector_product
 
 EGR_MODES = ("finite_difference", "hvp")
 
@@ -77,14 +76,14 @@ def egr(
 
     def perturb(g, params, state, grad_fn, extra_args):
         if mode == "hvp":  # no probe point; evaluate() takes the HVP along g_hat
-            return _core.tree_scale(0.0, g), {"perturbation_norm": 0.0}
+            return None, {"perturbation_norm": 0.0}
         inverse = _core.safe_inverse_norm(norm := _core.tree_norm(g), eps)
         return _core.tree_scale(fd_step * inverse, g), {"perturbation_norm": fd_step * norm * inverse}
 
     def evaluate(grads, params, epsilon, ascent, grad_fn, axis_name):
         if mode == "hvp":
             g_hat, _ = _core.normalized(ascent, eps)
-            penalty_grad = hessian_vector_product(grad_fn, params, g_hat, axis_name)
+            penalty_grad = _core.hessian_vector_product(grad_fn, params, g_hat, axis_name)
         else:
             probe = _core.gradient_at(grad_fn, params, epsilon, like=grads, axis_name=axis_name)
             penalty_grad = jax.tree.map(lambda pg, g: (pg - g) / fd_step, probe, grads)

@@ -45,15 +45,9 @@ class EigenSAMState(NamedTuple):
     logged_fields = ("eigenvalue", "eigen_cosine")  # read by sam_jax.optim.perturbation_stats
 
 
-def hessian_vector_product(grad_fn: _core.GradFn, params, vector, axis_name=None):
-    """``H v`` by forward-over-reverse: the JVP of ``grad_fn`` at ``params`` along ``v``.
-
-    With ``axis_name`` (inside ``shard_map`` / ``pmap``) it is each device's own
-    ``H v``; average it with ``pmean`` for the global batch's.
-    """
-    tangent = jax.tree.map(lambda p, v: v.astype(p.dtype), params, vector)
-    point, tangent = _core.as_per_device((params, tangent), axis_name)
-    return jax.jvp(grad_fn, (point,), (tangent,))[1]
+# The HVP lives with the other in-graph tools in `_core` (EGR uses it too); this
+# name stays for callers of `sam_jax.optim.eigen_sam.hessian_vector_product`.
+hessian_vector_product = _core.hessian_vector_product
 
 
 def power_iteration(
@@ -85,7 +79,7 @@ def power_iteration(
     def body(_, carry):
         v, _ = carry
         hv = _core.mean_over_devices(
-            hessian_vector_product(grad_fn, params, v, axis_name), axis_name
+            _core.hessian_vector_product(grad_fn, params, v, axis_name), axis_name
         )
         eigenvalue = _core.tree_vdot(v, hv).astype(jnp.float32)
         norm = jnp.sqrt(_core.tree_vdot(hv, hv) + _POWER_ITERATION_EPS)

@@ -86,3 +86,19 @@ def test_declared_cost_and_rho_zero():
     tx = sam_jax.gsam(0.0, 0.5)
     out, _ = tx.update(grad_fn(W), tx.init(W), W, grad_fn=grad_fn)
     np.testing.assert_array_equal(out["w"], grad_fn(W)["w"])
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices")
+def test_per_device_mode_averages_each_devices_gsam_gradient(shards):
+    """As big_vision: per-worker epsilon and decomposition, then the mean over workers."""
+    x, y, params, np_grad, step = shards
+    rho, alpha = 0.3, 0.4
+    tx = sam_jax.gsam(rho, alpha, eps=0.0, axis_name="data", sync_perturbation=False)
+    out, _ = step(tx)(params, tx.init(params), x, y)
+    w = np.asarray(params["w"], np.float64)
+    want = []
+    for s in range(4):
+        g = np_grad(w, s)
+        g_p = np_grad(w + rho * g / np.linalg.norm(g), s)
+        want.append(g_p - alpha * (g - (g @ g_p) / (g_p @ g_p) * g_p))
+    np.testing.assert_allclose(out["w"], np.mean(want, axis=0), rtol=1e-5, atol=1e-6)

@@ -148,3 +148,24 @@ def test_cli_runs_both_without_engine_changes_and_counts_their_cost(tmp_path):
     assert history[3]["effective_rho"] == pytest.approx(0.02 + (0.1 - 0.02) * lr / 0.1, rel=1e-5)
     assert json.load(open(os.path.join(workdir, "config.json")))["config"]["phases"].startswith(
         "sgd:2,looksam")
+
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices")
+def test_per_device_in_graph_schedule_matches_the_shard_formulas(shards):
+    """shard_map, per-device epsilon, in-graph cond: a full step then a cheap one."""
+    x, y, params, np_grad, step = shards
+    rho, alpha = 0.3, 0.7
+    tx = sam_jax.looksam(rho, alpha, k=2, eps=0.0, axis_name="data", sync_perturbation=False)
+    fn = step(tx)
+    state = tx.init(params)
+    w = np.asarray(params["w"], np.float64)
+    out1, state = fn(params, state, x, y)
+    out2, state = fn(params, state, x, y)  # same point: cheap step with the stored g_v
+    gs = [np_grad(w, s) for s in range(4)]
+    g_s = [np_grad(w + rho * g / np.linalg.norm(g), s) for s, g in enumerate(gs)]
+    g_v = np.mean([a - (a @ g) / (g @ g) * g for a, g in zip(g_s, gs)], axis=0)
+    np.testing.assert_allclose(out1["w"], np.mean(g_s, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.orthogonal["w"], g_v, rtol=1e-4, atol=1e-6)
+    cheap = np.mean([g + alpha * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v for g in gs], 0)
+    np.testing.assert_allclose(out2["w"], cheap, rtol=1e-5, atol=1e-6)
