@@ -30,9 +30,15 @@ Command::
 
     python -m experiments.noise_memorization --scale cpu --workdir runs/noise_memorization_cpu
 
-Runtime on 2 CPU cores: tiny ~1 min (compilation); cpu RESULT_RUNTIME; paper
-(d = 1000 cell, 20 seeds, 2000 steps) minutes (estimate, not run).
-Result at cpu scale: RESULT_SUMMARY
+Runtime on 2 CPU cores: tiny ~1-1.5 min (compilation); cpu 1 min 17 s wall under a
+load of 8-9 (27 s user CPU); paper (d = 1000 cell, 20 seeds, 2000 steps) minutes
+(estimate, not run).
+Result at cpu scale (n = 30, d = 200, ||mu|| = 1.2, seeds 0-9): after 500 steps SGD's
+noise memorization is 5.2 vs SAM's 0.36 and SAM's signal learning 1.01 vs SGD's 0.40;
+test error 0.297 (SGD) vs 0.101 (SAM, = p). At SAM's perturbed point ~100 % of the
+noise-fitting units are off during the whole run (signal units: only in the first
+~60 steps); from SGD's iterates the same perturbation switches off 94 % early but
+only ~5 % by step 500. Tables: docs/experiments.md.
 """
 
 from __future__ import annotations
