@@ -19,7 +19,9 @@ paper finds changes slowly) is stored; on the other, *cheap* steps
 
 (the paper's adaptive form, Algorithm 1), with the stored ``g_v`` and the current
 ``g``. Cheap steps evaluate no second gradient: the cost is ``1 + 1/k`` gradient
-evaluations per step (exact over whole blocks of ``k`` steps).
+evaluations per step on average; ``N`` steps from count 0 cost ``N + ceil(N / k)``,
+so the average undercounts by less than one gradient per run of the transform
+(exact when ``k`` divides ``N``).
 
 Two ways to run it:
 
