@@ -25,7 +25,7 @@ interleaved over ``--repeats`` rounds so that both see the same machine load; th
 medians over rounds are reported. Target (issue 9): speed-up >= 20x.
 
 Measured on the 2-core development machine (load 6-9 from other jobs): 3.0x (SGD),
-3.5x (SAM), 3.3x overall -- the target is **not** met on this CPU. The loop is already a
+3.5x (SAM), 3.3x overall; a second run at load ~4: 4.4x, 3.7x, 4.0x -- the target is **not** met on this CPU. The loop is already a
 tight jitted loop (no host sync per step, ~0.14 ms per step); the vmapped grid removes
 that dispatch but not the per-cell arithmetic, which at d = 200 (~0.3 MFLOP per SGD
 step, ~0.7 per SAM step, plus generating ~36k Gaussians of data per cell) keeps 2
