@@ -12,7 +12,7 @@ Example::
 from sam_jax.curvature._results import DensityResult, EigenResult, TraceResult
 from sam_jax.curvature.alignment import cosine_alignment
 from sam_jax.curvature.density import density_from_quadrature, spectral_density
-from sam_jax.curvature.flax_loss import BN_MODES, cross_entropy_sum, flax_loss_fn
+from sam_jax.curvature.flax_loss import BN_MODES, flax_loss_fn
 from sam_jax.curvature.hvp import batch_hvp, hvp
 from sam_jax.curvature.lanczos import LanczosDecomposition, lanczos_eigs, lanczos_tridiagonal
 from sam_jax.curvature.operator import (
@@ -24,6 +24,7 @@ from sam_jax.curvature.operator import (
 )
 from sam_jax.curvature.power import power_iteration
 from sam_jax.curvature.trace import hutchinson_trace
+from sam_jax.losses import cross_entropy_sum  # the library's one cross-entropy
 
 __all__ = [
     "BN_MODES",

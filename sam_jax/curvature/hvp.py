@@ -2,7 +2,8 @@
 
 ``H v = d/dt ∇L(θ + t v)|_{t=0}``, computed as ``jax.jvp`` of ``jax.grad``: the
 JAX autodiff cookbook's recommendation and papers.md §4 ("≈ 2–3 gradient costs").
-Reverse-over-reverse (PyHessian) costs more memory and time.
+Reverse-over-reverse (PyHessian) costs more memory and time. :func:`hvp` is the
+optimizers' own ``sam_jax.optim._core.hessian_vector_product`` (one copy).
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import functools
 from typing import Any, Callable
 
 import jax
+
+# One HVP for the library: the optimizers' in-graph tool (forward-over-reverse).
+from sam_jax.optim._core import hessian_vector_product
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], tuple[jax.Array, jax.Array]]
@@ -45,7 +49,7 @@ def hvp(scalar_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree
     Returns:
       ``H(params) @ vector`` as a pytree like ``params``.
     """
-    return jax.jvp(jax.grad(scalar_fn), (params,), (vector,))[1]
+    return hessian_vector_product(jax.grad(scalar_fn), params, vector)
 
 
 @cached_per_function

@@ -5,6 +5,10 @@ which is the most negative one when |λ_min| > λ_max (common early in training 
 at saddle points); Lanczos has no such bias and also needs several times fewer
 products (benchmarks/curvature_cost.py). Each later eigenvalue is found by
 re-orthogonalizing the iterate against the eigenvectors already found (deflation).
+
+This is the *measurement* (random start, deflation, stopping rule, host loop over a
+dataset-level operator). The optimizers' in-graph, warm-started, fixed-length
+iteration is a different tool: ``sam_jax.optim.warm_power_iteration``.
 """
 from __future__ import annotations
 

@@ -11,17 +11,22 @@ All are built on :func:`sam_jax.optim._core.perturbation_transform`. Each member
 declares itself in its own module (``ALGORITHM``, an :class:`Algorithm`: cost,
 logged fields, extra ``update`` inputs, step kinds); :mod:`sam_jax.optim.registry`
 collects the declarations (``docs/ARCHITECTURE.md``, "Contract of a family member").
+
+In-graph tools the members share live in ``_core``: :func:`hessian_vector_product`
+(also behind ``sam_jax.curvature.hvp``) and :func:`warm_power_iteration`
+(``power_iteration`` here is its deprecated alias).
 """
 
-from sam_jax.optim._core import Algorithm, PerturbationState, perturbation_transform
+from sam_jax.optim._core import (
+    Algorithm,
+    PerturbationState,
+    perturbation_transform,
+    warm_power_iteration,
+)
 from sam_jax.optim.asam import ASAMState, asam
 from sam_jax.optim.egr import EGRState, egr
-from sam_jax.optim.eigen_sam import (
-    EigenSAMState,
-    eigen_sam,
-    hessian_vector_product,
-    power_iteration,
-)
+from sam_jax.optim.eigen_sam import EigenSAMState, eigen_sam, hessian_vector_product
+
 from sam_jax.optim.gsam import GSAMState, gsam
 from sam_jax.optim.looksam import LookSAMState, looksam
 from sam_jax.optim.registry import (
@@ -35,6 +40,11 @@ from sam_jax.optim.registry import (
 from sam_jax.optim.reverse_sam import ReverseSAMState, reverse_sam
 from sam_jax.optim.sam import SAMState, sam
 from sam_jax.optim.usam import USAMState, usam
+
+# Deprecated alias (kept for importers): the in-graph, warm-started power iteration
+# is `warm_power_iteration`; `sam_jax.curvature.power_iteration` is a different tool
+# (host loop, random start, deflation, stopping rule).
+power_iteration = warm_power_iteration
 
 __all__ = [
     "ALGORITHMS",
@@ -64,4 +74,5 @@ __all__ = [
     "reverse_sam",
     "sam",
     "usam",
+    "warm_power_iteration",
 ]

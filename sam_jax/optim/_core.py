@@ -98,6 +98,9 @@ class Algorithm(NamedTuple):
         picks one per step on the host. None for one kind of step.
       step_kind_arg: the ``update`` keyword that receives the picked kind (a
         Python bool, which removes the in-graph ``lax.cond``); None with no picker.
+      options_help: one line on the options a user sets as ``key=value`` in a
+        phase (``--phases`` help is generated from it); empty: the factory's
+        keyword names are listed.
     """
 
     name: str
@@ -109,6 +112,7 @@ class Algorithm(NamedTuple):
     engine_options: tuple = ()
     step_picker: Optional[Callable[..., Callable[[int], bool]]] = None
     step_kind_arg: Optional[str] = None
+    options_help: str = ""
 
     @classmethod
     def from_factory(cls, name: str, factory) -> "Algorithm":
@@ -207,7 +211,8 @@ def gradient_at(
     return jax.tree.map(lambda g, ref: g.astype(ref.dtype), perturbed, like)
 
 
-# In-graph curvature tool used by several members (Eigen-SAM, EGR).
+# In-graph curvature tools used by several members (Eigen-SAM, EGR) and by
+# `sam_jax.curvature` (its `hvp` is this one).
 
 
 def hessian_vector_product(grad_fn: GradFn, params, vector, axis_name=None):
@@ -219,6 +224,51 @@ def hessian_vector_product(grad_fn: GradFn, params, vector, axis_name=None):
     tangent = jax.tree.map(lambda p, v: v.astype(p.dtype), params, vector)
     point, tangent = as_per_device((params, tangent), axis_name)
     return jax.jvp(grad_fn, (point,), (tangent,))[1]
+
+
+# Added to ||Hv||^2 before the square root in each power-iteration normalization,
+# as in Eigen-SAM's released code (RitianLuo/EigenSAM).
+POWER_ITERATION_EPS = 1e-12
+
+
+def warm_power_iteration(grad_fn: GradFn, params, start, num_iters, axis_name=None):
+    """Warm-started, fixed-length power iteration on the Hessian of ``grad_fn``'s loss.
+
+    The in-graph tool an optimizer uses (Eigen-SAM refreshes its eigenvector from
+    the previous one). Not to be confused with ``sam_jax.curvature.power_iteration``,
+    the host-side measurement (random start, deflation for top-k, stopping rule).
+
+    Each iteration: ``Hv`` (device-averaged when ``axis_name`` is given),
+    ``lambda = <v, Hv>``, ``v <- Hv / sqrt(||Hv||^2 + 1e-12)`` (Eigen-SAM's code).
+
+    Args:
+      grad_fn: ``params -> grads`` of the loss whose Hessian is wanted.
+      params: the point.
+      start: starting vector (pytree like params), ideally unit norm.
+      num_iters: number of HVPs; a Python int unrolls the loop (XLA:CPU runs
+        convolutions inside while bodies far slower), a traced one uses a while loop.
+      axis_name: average ``Hv`` over this mapped axis (Hessian of the global batch).
+
+    Returns:
+      ``(v, eigenvalue)``: the new unit vector and the Rayleigh quotient of the last
+      iteration's input vector. Power iteration finds the eigenvalue of largest
+      *magnitude*, which may be negative away from a minimum.
+    """
+
+    def body(_, carry):
+        v, _ = carry
+        hv = mean_over_devices(hessian_vector_product(grad_fn, params, v, axis_name), axis_name)
+        eigenvalue = tree_vdot(v, hv).astype(jnp.float32)
+        norm = jnp.sqrt(tree_vdot(hv, hv) + POWER_ITERATION_EPS)
+        new_v = jax.tree.map(lambda h, old: (h / norm).astype(old.dtype), hv, v)
+        return new_v, eigenvalue
+
+    init = (start, jnp.zeros((), jnp.float32))
+    if static_value(num_iters) is not None:
+        # Unrolled: XLA:CPU runs convolutions inside while-loop bodies 20-50x slower
+        # than at top level (jax-ml/jax#12868); a handful of HVPs compile fine unrolled.
+        return jax.lax.fori_loop(0, int(num_iters), body, init, unroll=True)
+    return jax.lax.fori_loop(0, num_iters, body, init)
 
 
 # ---------------------------------------------------------------------------

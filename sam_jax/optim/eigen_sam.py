@@ -12,10 +12,6 @@ from sam_jax.optim import _core
 
 PRE_ESTIMATE_MODES = ("unnormalized", "sam")
 
-# Added to ||Hv||^2 before the square root in each power-iteration normalization,
-# as in the released code (RitianLuo/EigenSAM).
-_POWER_ITERATION_EPS = 1e-12
-
 
 class EigenSAMState(NamedTuple):
     """State of :func:`eigen_sam`.
@@ -50,48 +46,10 @@ class EigenSAMState(NamedTuple):
 hessian_vector_product = _core.hessian_vector_product
 
 
-def power_iteration(
-    grad_fn: _core.GradFn,
-    params,
-    start,
-    num_iters,
-    axis_name: Optional[str] = None,
-):
-    """Warm-started power iteration on the Hessian of ``grad_fn``'s loss.
-
-    Each iteration: ``Hv`` (device-averaged when ``axis_name`` is given),
-    ``lambda = <v, Hv>``, ``v <- Hv / sqrt(||Hv||^2 + 1e-12)`` (released code).
-
-    Args:
-      grad_fn: ``params -> grads`` of the loss whose Hessian is wanted.
-      params: the point.
-      start: starting vector (pytree like params), ideally unit norm.
-      num_iters: number of HVPs; a Python int unrolls the loop (XLA:CPU runs
-        convolutions inside while bodies far slower), a traced one uses a while loop.
-      axis_name: average ``Hv`` over this mapped axis (Hessian of the global batch).
-
-    Returns:
-      ``(v, eigenvalue)``: the new unit vector and the Rayleigh quotient of the last
-      iteration's input vector. Power iteration finds the eigenvalue of largest
-      *magnitude*, which may be negative away from a minimum.
-    """
-
-    def body(_, carry):
-        v, _ = carry
-        hv = _core.mean_over_devices(
-            _core.hessian_vector_product(grad_fn, params, v, axis_name), axis_name
-        )
-        eigenvalue = _core.tree_vdot(v, hv).astype(jnp.float32)
-        norm = jnp.sqrt(_core.tree_vdot(hv, hv) + _POWER_ITERATION_EPS)
-        new_v = jax.tree.map(lambda h, old: (h / norm).astype(old.dtype), hv, v)
-        return new_v, eigenvalue
-
-    init = (start, jnp.zeros((), jnp.float32))
-    if _core.static_value(num_iters) is not None:
-        # Unrolled: XLA:CPU runs convolutions inside while-loop bodies 20-50x slower
-        # than at top level (jax-ml/jax#12868); a handful of HVPs compile fine unrolled.
-        return jax.lax.fori_loop(0, int(num_iters), body, init, unroll=True)
-    return jax.lax.fori_loop(0, num_iters, body, init)
+# The warm-started in-graph power iteration lives with the other in-graph tools in
+# `_core` (`warm_power_iteration`); this name stays for older callers. It is not
+# `sam_jax.curvature.power_iteration` (a host loop with deflation and a stopping rule).
+power_iteration = _core.warm_power_iteration
 
 
 REFRESH_COUNTERS = ("epoch", "global")
@@ -312,7 +270,7 @@ def eigen_sam(
                                       refresh_counter)
 
         def estimate():
-            return power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name)
+            return _core.warm_power_iteration(hvp_grad_fn, params, state.eigenvector, power_iters, axis_name)
 
         def keep():
             return state.eigenvector, state.eigenvalue
@@ -376,6 +334,10 @@ ALGORITHM = _core.Algorithm(
     engine_options=ENGINE_OPTIONS,
     step_picker=refresh_picker,  # refresh step / plain step
     step_kind_arg="eigen_refresh",
+    options_help="alpha, refresh_every (steps between eigenvector refreshes, code 'freq'), "
+                 "power_iters (power iterations per refresh, code 'steps'), "
+                 "refresh_counter=epoch (default: the step index restarts every epoch, "
+                 "as released) | global, pre_estimate, seed",
 )
 
 # The same declarations as attributes of the factory, for code written before

@@ -10,6 +10,7 @@ add it to :data:`ALGORITHMS` here (or call :func:`register` from your own code).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -149,6 +150,38 @@ def logged_fields(name: str) -> tuple:
 def update_inputs(name: str) -> tuple:
     """Names from ``_core.ENGINE_INPUTS`` that ``name``'s ``update`` accepts."""
     return tuple(algorithm(name).update_inputs)
+
+
+# Keywords every member takes that are not a user's phase option (the engine sets
+# the multi-device ones; rho has its own phase field).
+_NOT_PHASE_OPTIONS = ("rho", "axis_name", "sync_perturbation")
+
+
+def phase_options(name: str) -> str:
+    """What a user can set as ``key=value`` in a ``name`` phase: the declared
+    ``options_help``, else the factory's keyword names ("" when none)."""
+    declared = algorithm(name)
+    if declared.options_help:
+        return declared.options_help
+    try:
+        parameters = inspect.signature(declared.factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or odd callable: nothing to list
+        return ""
+    return ", ".join(p.name for p in parameters
+                     if p.name not in _NOT_PHASE_OPTIONS
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def phases_help() -> str:
+    """One line per registered algorithm, ``name (Title): options``, generated from
+    the declarations (the training CLI's ``--phases`` help)."""
+    lines = []
+    for name in sorted(PERTURBATIONS):
+        declared = algorithm(name)
+        title = f" ({declared.title})" if declared.title and declared.title != name else ""
+        options = phase_options(name)
+        lines.append(f"{name}{title}: {options or 'no options'}")
+    return "; ".join(lines)
 
 
 def perturbation_stats(opt_state) -> dict[str, jax.Array]:

@@ -23,11 +23,8 @@ _HELP = {
     "dataset_kwargs": "JSON dict passed to get_dataset, e.g. '{\"num_samples\": 10000}'",
     "model": "mlp | cnn6 | cnn1d | resnet18 | resnet50 | wrn16_8 | wrn28_10 | wrn | patch_cnn",
     "model_kwargs": "JSON dict passed to get_model, e.g. '{\"width\": 8}'",
-    "phases": "name:epochs[:rho][:key=value...] list, e.g. sgd:150,sam:10 (global epochs); "
-              "Eigen-SAM options: alpha, refresh_every (interval between eigenvector "
-              "refreshes, code 'freq'), power_iters (power iterations per refresh, code "
-              "'steps'), refresh_counter=epoch (default: the step index restarts every "
-              "epoch, as released) | global",
+    "phases": "name:epochs[:rho][:key=value...] list, e.g. sgd:150,sam:10 (global epochs). "
+              "Optimizers and their key=value options (from sam_jax.optim.registry): {phases}",
     "rho": "default perturbation radius of phases without one (SAM paper 0.05)",
     "perturbation_kwargs": "JSON dict of options for every non-SGD perturbation",
     "batch_size": "global batch size (late-phase SAM code: 128)",
@@ -58,9 +55,10 @@ _HELP = {
     "lambda_max_iters": "Lanczos steps for lambda_max",
     "eval_every": "evaluate on the test set every N epochs",
     "progress": "tqdm progress bar",
-    "eigen_refresh_on_host": "Eigen-SAM: pick a refresh / plain compiled step on the host "
-                             "by the transform's own rule (no lax.cond, fast on CPU); "
-                             "--no-... keeps the in-graph cond",
+    "host_step_kinds": "for algorithms with an expensive and a cheap step kind: compile "
+                       "both and pick one per step on the host by the transform's own "
+                       "rule (no lax.cond, fast on CPU); --no-... keeps the in-graph cond",
+    "eigen_refresh_on_host": "deprecated alias of --host-step-kinds",
 }
 
 
@@ -92,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         hint = str(hints[field.name])
         default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
                    else field.default)
-        kwargs = {"default": default, "help": f"{_HELP.get(field.name, '')} (default: {default})"}
-        if hint.startswith("<class 'bool'>") or hint == "bool":
+        text = _HELP.get(field.name, "")
+        if field.name == "phases":  # generated from the declarations
+            from sam_jax.optim import registry
+
+            text = text.format(phases=registry.phases_help())
+        kwargs = {"default": default, "help": f"{text} (default: {default})".replace("%", "%%")}
+        if hint.startswith("<class 'bool'>") or hint.startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "dict" in hint:
             kwargs["type"] = _json_dict

@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from typing import Any
 
 PHASE_SYNTAX = (
     "phases are 'name:epochs[:rho][:key=value...]' separated by commas, "
-    "e.g. 'sgd:150,sam:10' or 'sgd:20,sam:5:0.1' or 'eigen_sam:10:0.05:alpha=0.2'"
+    "e.g. 'sgd:150,sam:10' or 'sgd:20,sam:5:0.1' or 'looksam:10:0.05:k=5'"
 )
 SCHEDULES = ("cosine", "wrn_step", "constant")
 WEIGHT_DECAY_MODES = ("decoupled", "loss")
 MOMENTUM_AT_SWITCH = ("reset", "carry")
 BN_MODES = ("batch", "running")
+# Deprecated field name, kept so that older code and config.json files load.
+_DEPRECATED_HOST_ALIAS = "eigen_refresh_on_host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +35,9 @@ class Phase:
         (``sgd`` is the identity: plain SGD).
       epochs: number of epochs in the phase (> 0).
       rho: perturbation radius for this phase; ``None`` uses `TrainConfig.rho`.
-      kwargs: extra keyword arguments of the perturbation (e.g. ``alpha`` of
-        Eigen-SAM, ``eta`` of ASAM, ``refresh_counter=global`` to give Eigen-SAM
-        the never-reset counter instead of the engine's per-epoch default).
+      kwargs: extra keyword arguments of the perturbation (its phase options:
+        ``sam_jax.optim.registry.phase_options(name)``; the CLI's ``--phases``
+        help lists them for every registered algorithm).
     """
 
     name: str
@@ -124,7 +127,7 @@ class TrainConfig:
     Defaults follow the late-phase SAM paper's code (papers.md §2) where it has one:
     batch 128, momentum 0.9, momentum reset at a switch, phase boundaries and the
     learning-rate schedule on the global epoch. Weight decay 5e-4 decoupled into
-    SGD is the PyTorch repos' convention (davda54/sam, Eigen-SAM); the official JAX
+    SGD is the PyTorch repos' convention (davda54/sam and others); the official JAX
     SAM puts L2 (1e-3) inside the loss: ``weight_decay_mode='loss'``.
 
     Attributes:
@@ -170,22 +173,20 @@ class TrainConfig:
         mode i.e. ``batch``, no label smoothing).
       eval_every: evaluate on the test set every N epochs (and the last one).
       progress: show a tqdm progress bar.
-      eigen_refresh_on_host: Eigen-SAM phases compile a refresh step and a plain
-        step and the loop picks one per step from the optimizer's count (the
-        transform's rule), instead of the transform's in-graph ``lax.cond``, which
-        XLA:CPU runs 40-150x slower for convolutions (jax-ml/jax#12868). Same
-        results (to float rounding); False keeps the in-graph ``cond``.
+      host_step_kinds: for a phase whose algorithm has two kinds of steps (an
+        expensive and a cheap one; it declares a ``step_picker``), compile both
+        kinds and pick one per step on the host from the optimizer's count by the
+        transform's own rule, instead of the transform's in-graph ``lax.cond``,
+        which XLA:CPU runs 40-150x slower for convolutions (jax-ml/jax#12868).
+        Same results (to float rounding); False keeps the in-graph ``cond``.
+        Logistics: it does not change the run's mathematics.
+      eigen_refresh_on_host: deprecated alias of ``host_step_kinds`` (None: not
+        given); a value given here is copied into ``host_step_kinds`` with a
+        ``DeprecationWarning``.
 
-    Eigen-SAM's refresh schedule: the engine passes the run's steps per epoch to
-    the transform (it asks for them), so by default the eigenvector is refreshed at
-    steps ``refresh_every, 2·refresh_every, ...`` *within each epoch* (the released
-    code's counter restarts every epoch; ``floor((steps_per_epoch - 1) /
-    refresh_every)`` refreshes per epoch). A phase item ``refresh_counter=global``
-    counts optimizer steps over the phase instead, e.g.
-    ``eigen_sam:10:0.05:refresh_every=100:refresh_counter=global``.
-    ``refresh_every`` is the interval between refreshes (code ``freq``, reviewers'
-    k); ``power_iters`` the power iterations per refresh (code ``steps``,
-    reviewers' p).
+    Engine options: an algorithm that declares ``engine_options`` (e.g. the run's
+    ``steps_per_epoch``) gets them from the engine unless the phase sets them; see
+    the algorithm's module and ``docs/train.md`` for what it does with them.
     """
 
     workdir: str = "runs/default"
@@ -224,7 +225,17 @@ class TrainConfig:
     lambda_max_iters: int = 20
     eval_every: int = 1
     progress: bool = True
-    eigen_refresh_on_host: bool = True
+    host_step_kinds: bool = True
+    eigen_refresh_on_host: bool | None = None  # deprecated alias of host_step_kinds
+
+    def __post_init__(self):
+        alias = self.eigen_refresh_on_host
+        if alias is not None:
+            warnings.warn("TrainConfig.eigen_refresh_on_host is deprecated; use "
+                          "host_step_kinds (same meaning, for every algorithm with two "
+                          "step kinds)", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "host_step_kinds", bool(alias))
+            object.__setattr__(self, "eigen_refresh_on_host", None)
 
     # ----------------------------------------------------------------- derived
     @property
@@ -262,7 +273,10 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if values.get(_DEPRECATED_HOST_ALIAS) is None:  # the alias is folded in
+            values.pop(_DEPRECATED_HOST_ALIAS, None)
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -128,8 +128,9 @@ def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_class
 def _host_step_picker(config: TrainConfig, spec: OptimizerSpec):
     """``count -> bool`` for a phase whose algorithm has two compiled step kinds
     (declared ``step_picker``) when the host decides (the config's host-picking
-    flag), else None. The picker applies the transform's own in-graph rule."""
-    if not config.eigen_refresh_on_host or spec.name == "sgd":
+    flag, ``TrainConfig.host_step_kinds``), else None. The picker applies the
+    transform's own in-graph rule."""
+    if not config.host_step_kinds or spec.name == "sgd":
         return None
     return optim_registry.step_picker(spec.name, **dict(spec.kwargs))
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_jax import optim
+from sam_jax.losses import cross_entropy  # noqa: F401  (also exported here, as before)
 from sam_jax.optim import _core as optim_core
 from sam_jax.optim import registry as optim_registry
 
@@ -99,14 +100,6 @@ def build_optimizer(spec: OptimizerSpec, axis_name: Optional[str] = None,
         parts.append(optax.add_decayed_weights(spec.weight_decay))
     parts.append(optax.trace(decay=spec.momentum, nesterov=spec.nesterov))
     return optax.chain(*parts)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with optional label smoothing."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
 
 
 def _example_weights(batch) -> jax.Array:
