@@ -23,6 +23,7 @@ from sam_jax.optim._core import (
     perturbation_transform,
     warm_power_iteration,
 )
+from sam_jax.optim.accumulate import accumulate
 from sam_jax.optim.asam import ASAMState, asam
 from sam_jax.optim.egr import EGRState, egr
 from sam_jax.optim.eigen_sam import EigenSAMState, eigen_sam, hessian_vector_product
@@ -48,6 +49,7 @@ power_iteration = warm_power_iteration
 
 __all__ = [
     "ALGORITHMS",
+    "accumulate",
     "ASAMState",
     "Algorithm",
     "GSAMState",

@@ -434,6 +434,9 @@ def perturbation_transform(
     check_axis_name(axis_name)
 
     def init_fn(params):
+        from sam_jax.optim.accumulate import refuse_inside_multisteps
+
+        refuse_inside_multisteps(name)  # optax.MultiSteps around us is wrong for SAM
         extra = init_extra(params) if init_extra is not None else {}
         zero = jnp.zeros((), jnp.float32)
         return state_type(
