@@ -79,6 +79,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -207,6 +208,73 @@ def cells_from_rows(rows: Iterable[dict]) -> Cells:
     return Cells(*(np.asarray([r[f] for r in rows], dtype=t) for f, t in zip(Cells._fields, dtypes)))
 
 
+# ----------------------------------------------------------------------------- random numbers
+#
+# JAX lowers its threefry hash on CPU as a rolled ``fori_loop`` (5 iterations over the
+# whole array, each materialized in memory): ~30 ns per 32-bit value here, which made
+# generating the data (~40k Gaussians per cell at d = 200) cost more than 200 SGD
+# steps. The same hash unrolled is one fused elementwise loop, ~6x faster. ``_RNG`` is
+# a PRNG implementation (``jax.extend.random.define_prng_impl``) whose seed, split,
+# fold_in and random bits are *bit for bit* those of JAX's default ``threefry2x32``
+# with ``jax_threefry_partitionable`` (the default since jax 0.5), whatever that flag
+# says: keys from ``jax.random.key(seed, impl=_RNG)`` give exactly the numbers of
+# ``jax.random.PRNGKey(seed)`` through every ``jax.random`` sampler
+# (``tests/test_train_grid.py`` checks it), only faster on CPU.
+
+
+def _rotate_left(x, d: int):
+    return jax.lax.shift_left(x, np.uint32(d)) | jax.lax.shift_right_logical(x, np.uint32(32 - d))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 hash (20 rounds), unrolled; the rounds of ``jax.random``'s."""
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x1 = x1 + x2
+            x2 = x1 ^ _rotate_left(x2, r)
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
+
+
+def _counts(shape: tuple):
+    """The 64-bit iota over ``shape`` as (high, low) uint32 words (partitionable threefry)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if size >= 2 ** 32:
+        raise NotImplementedError("more than 2**32 random values from one key")
+    return jnp.zeros(shape, np.uint32), jax.lax.iota(np.uint32, size).reshape(shape)
+
+
+def _rng_split(key, shape):
+    bits1, bits2 = _threefry2x32(key[0], key[1], *_counts(tuple(shape)))
+    return jnp.stack([bits1, bits2], axis=-1)
+
+
+def _rng_fold_in(key, data):
+    bits1, bits2 = _threefry2x32(key[0], key[1], np.uint32(0), jnp.asarray(data, np.uint32))
+    return jnp.stack([bits1, bits2])
+
+
+def _rng_bits(key, bit_width, shape):
+    bits1, bits2 = _threefry2x32(key[0], key[1], *_counts(tuple(shape)))
+    dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bit_width]
+    if bit_width == 64:
+        return jax.lax.shift_left(bits1.astype(dtype), dtype(32)) | bits2.astype(dtype)
+    return (bits1 ^ bits2).astype(dtype)
+
+
+_RNG = jax.extend.random.define_prng_impl(
+    key_shape=(2,), seed=jax.extend.random.threefry_prng_impl.seed, split=_rng_split,
+    random_bits=_rng_bits, fold_in=_rng_fold_in, name="threefry2x32_unrolled", tag="fry_u")
+
+
+def rng_key(seed) -> jax.Array:
+    """``jax.random.key(seed, impl=_RNG)``: the numbers of ``jax.random.PRNGKey(seed)``, faster on CPU."""
+    return jax.random.key(seed, impl=_RNG)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -243,7 +311,7 @@ def _patches(key, size: int, mu, unit, dim_mask, spec: GridSpec) -> dict:
 
 
 def _keys(seed):
-    key = jax.random.PRNGKey(seed)
+    key = rng_key(seed)
     return {name: jax.random.fold_in(key, i) for i, name in
             enumerate(("signal", "train", "test", "init", "sample"))}
 
