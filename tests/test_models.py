@@ -86,10 +86,39 @@ def test_batchnorm_momentum_matches_pytorch_default():
 
 def test_wrn_dropout_uses_dropout_rng_in_train_mode_only():
     model = get_model("wrn", 5, depth=10, widen_factor=1, width=1, dropout_rate=0.5)
+    no_dropout = get_model("wrn", 5, depth=10, widen_factor=1, width=1, dropout_rate=0.0)
     variables, x = _init(model, (2, 4, 4, 3))
-    run = lambda key: model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
-    assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
-    np.testing.assert_allclose(model.apply(variables, x, train=False), model.apply(variables, x, train=False))
+    run = lambda m, key: m.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
+    assert not np.allclose(run(model, jax.random.key(1)), run(model, jax.random.key(2)))
+    np.testing.assert_array_equal(run(model, jax.random.key(1)), run(model, jax.random.key(1)))
+    # Dropout is active in train mode (differs from the same network without it) ...
+    assert not np.allclose(run(model, jax.random.key(1)), run(no_dropout, jax.random.key(1)))
+    # ... and off in eval mode: exactly the network without dropout, whatever the key.
+    np.testing.assert_allclose(model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(3)}),
+                               no_dropout.apply(variables, x, train=False), rtol=1e-6, atol=1e-7)
+
+
+def test_mlp_forward_and_parameter_count_by_hand():
+    model = get_model("mlp", 3, width=5, depth=2)
+    variables, x = _init(model, (4, 2, 3, 1))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    h = np.asarray(x, np.float64).reshape(4, 6)
+    for layer in ("Dense_0", "Dense_1"):
+        h = np.maximum(h @ p[layer]["kernel"] + p[layer]["bias"], 0)
+    expected = h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"]
+    np.testing.assert_allclose(model.apply(variables, x, train=False), expected, rtol=1e-5, atol=1e-6)
+    # (6·5 + 5) + (5·5 + 5) + (5·3 + 3)
+    assert _param_count("mlp", 3, (1, 2, 3, 1), width=5, depth=2) == 35 + 30 + 18 == 83
+
+
+def test_cnn6_parameter_count_by_formula():
+    w, c_in, k = 2, 3, 7
+    channels = [c_in, w, w, 2 * w, 2 * w, 4 * w, 4 * w]
+    convs = sum(9 * a * b for a, b in zip(channels[:-1], channels[1:]))
+    plain = convs + sum(channels[1:]) + 4 * w * k + k  # conv biases, classifier
+    with_bn = convs + 2 * sum(channels[1:]) + 4 * w * k + k  # no conv bias; BN scale + bias
+    assert _param_count("cnn6", k, (1, 8, 8, 3), width=w) == plain
+    assert _param_count("cnn6", k, (1, 8, 8, 3), width=w, use_bn=True) == with_bn
 
 
 def _param_count(name, num_classes=10, shape=(1, 32, 32, 3), **kwargs):
