@@ -32,7 +32,8 @@ LR, MU, WD, RHO = 0.05, 0.9, 5e-4, 0.05
 BASE = dict(dataset="mnist1d", model="cnn1d", model_kwargs={"width": 4}, batch_size=32,
             steps_per_epoch=1, eval_batch_size=500, progress=False, lr=LR, schedule="constant",
             momentum=MU, weight_decay=WD, weight_decay_mode="decoupled", rho=RHO,
-            phases="sgd:1,sam:2", keep_last=None, checkpoint_every=1, seed=0, eval_every=100)
+            phases="sgd:1,sam:2", keep_last=None, checkpoint_every=1, seed=0, eval_every=100,
+            lambda_max_every=3, lambda_max_examples=64, lambda_max_iters=60)
 
 
 def _config(workdir, **changes):
@@ -170,3 +171,39 @@ def test_resume_after_the_switch_is_bit_for_bit_optimizer_state_included(runs):
     # move the params by lr·μ·m₂ ≠ 0 and the bit-for-bit check above would fail.
     _, m2, _ = _saved(full.config, 2)
     assert LR * MU * _max_abs(m2) > 1e-4
+
+
+def _mean_ce(model, params, x, y):
+    logits = model.apply({"params": params}, x, train=False)
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+
+
+def test_logged_lambda_max_and_lambda_2_equal_a_dense_eigendecomposition(runs):
+    """The epoch record's λ_max and λ_2 are the top two eigenvalues of the dense
+    Hessian of the mean cross-entropy over the first 64 training examples."""
+    from jax.flatten_util import ravel_pytree
+
+    train, model, _ = _model_and_init()
+    record = runs["reset"].history[-1]
+    assert record["lambda_max_examples"] == 64
+    arrays = train.subset(64).arrays()
+    x, y = jnp.asarray(arrays["x"]), jnp.asarray(arrays["y"])
+    flat, unravel = ravel_pytree(runs["reset"].variables["params"])
+    hessian = jax.jit(jax.hessian(lambda f: _mean_ce(model, unravel(f), x, y)))(flat)
+    top = np.sort(np.linalg.eigvalsh(np.asarray(hessian, np.float64)))[::-1]
+    assert top[0] - top[1] > 1e-3 * top[0]  # distinct, so the order is meaningful
+    assert record["lambda_max"] == pytest.approx(top[0], rel=1e-3)
+    assert record["lambda_2"] == pytest.approx(top[1], rel=1e-3)
+
+
+def test_logged_test_accuracy_and_loss_equal_an_independent_evaluation(runs):
+    train, model, _ = _model_and_init()
+    test = get_dataset("mnist1d", "test")
+    x, y = jnp.asarray(test.x), jnp.asarray(test.y)
+    params = runs["reset"].variables["params"]
+    logits = jax.jit(lambda p: model.apply({"params": p}, x, train=False))(params)
+    record = runs["reset"].history[-1]
+    assert test.num_examples == 1000  # 2 eval batches of 500, no padding
+    correct = int(np.sum(np.argmax(np.asarray(logits), -1) == test.y))
+    assert record["test_acc"] == pytest.approx(correct / 1000, abs=1e-12)
+    assert record["test_loss"] == pytest.approx(float(_mean_ce(model, params, x, y)), rel=1e-5)
