@@ -75,6 +75,31 @@ def test_double_well_barrier_and_metric():
     assert result.second_derivative is None
 
 
+def test_tilted_double_well_barrier_against_the_chord_and_the_higher_end():
+    """L(w) = (w² − 1)² + w from w = −1 (L = −1) to w = 1 (L = 1): the chord removes
+    the tilt, so the standard barrier is exactly 1 (at λ = 1/2), while the height above
+    the higher endpoint is max_grid L − 1 ≈ 0.13 (maximum near w ≈ 0.25). Different
+    endpoints tell the two definitions (and a chord to the lower end) apart."""
+
+    def tilted(params, batch):
+        w = params["w"]
+        n = batch["x"].shape[0]
+        return (jnp.sum((w**2 - 1.0) ** 2) + jnp.sum(w)) * n, jnp.asarray(n, w.dtype)
+
+    lambdas = np.linspace(0, 1, 101)
+    with jax.enable_x64(True):
+        result = landscape.interpolate(tilted, {"w": jnp.array([-1.0])}, {"w": jnp.array([1.0])},
+                                       {"x": np.ones((2, 1))}, lambdas=lambdas, h=None)
+    w = 2 * lambdas - 1
+    losses = (w**2 - 1) ** 2 + w
+    np.testing.assert_allclose(result.losses, losses, atol=1e-12)
+    assert result.endpoint_losses == pytest.approx((-1.0, 1.0), abs=1e-12)
+    assert result.barrier == pytest.approx(1.0, abs=1e-12)
+    above = losses.max() - 1.0
+    assert 0.12 < above < 0.14
+    assert result.barrier_above_max_endpoint == pytest.approx(above, abs=1e-12)
+
+
 def test_filter_normalized_direction():
     params = {
         "conv": {"kernel": jnp.asarray(RNG.normal(size=(3, 3, 2, 4)), jnp.float32), "bias": jnp.ones(4)},
