@@ -28,6 +28,10 @@ _HELP = {
     "rho": "default perturbation radius of phases without one (SAM paper 0.05)",
     "perturbation_kwargs": "JSON dict of options for every non-SGD perturbation",
     "batch_size": "global batch size (late-phase SAM code: 128)",
+    "grad_accum": "gradient accumulation: K microbatches per step (batch_size is the global "
+                  "batch, split into K); per-microbatch epsilon (m-sharpness, m = microbatch "
+                  "size), perturbed gradients averaged; BN: own statistics per microbatch, "
+                  "one running-statistics update per step",
     "eval_batch_size": "test evaluation batch size",
     "steps_per_epoch": "cap on steps per epoch (default: one pass over the train set)",
     "lr": "peak learning rate",

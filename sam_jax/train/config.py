@@ -139,6 +139,17 @@ class TrainConfig:
       perturbation_kwargs: extra kwargs for every non-SGD perturbation (a phase's
         own ``key=value`` items override them).
       batch_size: global batch size (split over devices). Paper code: 128.
+      grad_accum: gradient accumulation, K microbatches per optimizer step: the
+        batch of ``batch_size`` examples (per device: ``batch_size / devices``)
+        is split into K equal microbatches; each gets its own perturbation
+        (per-microbatch ε: m-sharpness with m = the microbatch size) and the K
+        perturbed gradients are averaged before clipping, weight decay and
+        momentum. BatchNorm normalizes each microbatch by its own statistics; the
+        running statistics get one EMA update per step, from the mean of the
+        microbatches' statistics. The perturbation's state advances once per
+        microbatch, so algorithms with two step kinds (a declared step picker,
+        whose schedule counts optimizer steps) are refused with K > 1. Changes
+        the run's mathematics (m), not only its memory. 1: off.
       eval_batch_size: batch size for test evaluation.
       steps_per_epoch: cap on steps per epoch (None: one pass over the train set);
         for quick tests.
@@ -198,6 +209,7 @@ class TrainConfig:
     rho: float = 0.05
     perturbation_kwargs: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 128
+    grad_accum: int = 1
     eval_batch_size: int = 500
     steps_per_epoch: int | None = None
     lr: float = 0.1
@@ -299,7 +311,8 @@ class TrainConfig:
         _check_choice("weight_decay_mode", self.weight_decay_mode, WEIGHT_DECAY_MODES)
         _check_choice("momentum_at_switch", self.momentum_at_switch, MOMENTUM_AT_SWITCH)
         _check_choice("lambda_max_bn_mode", self.lambda_max_bn_mode, BN_MODES)
-        positive = dict(batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+        positive = dict(batch_size=self.batch_size, grad_accum=self.grad_accum,
+                        eval_batch_size=self.eval_batch_size,
                         checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
                         lambda_max_examples=self.lambda_max_examples,
                         lambda_max_iters=self.lambda_max_iters)
@@ -310,6 +323,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (int(value) != value or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum "
+                             f"{self.grad_accum} (equal microbatches)")
         if self.lambda_max_every < 0:
             raise ValueError(f"lambda_max_every must be >= 0, got {self.lambda_max_every}")
         for name in ("lr", "weight_decay", "warmup_epochs"):

@@ -39,7 +39,8 @@ from sam_jax.train.step import (PERTURBATION_INDEX, TRACE_INDEX, OptimizerSpec, 
 
 # Fields a resumed run must share with the run that wrote the checkpoint.
 _RESUME_MUST_MATCH = ("dataset", "dataset_kwargs", "model", "model_kwargs", "phases", "rho",
-                      "perturbation_kwargs", "batch_size", "steps_per_epoch", "seed", "lr",
+                      "perturbation_kwargs", "batch_size", "grad_accum", "steps_per_epoch",
+                      "seed", "lr",
                       "schedule", "momentum", "weight_decay", "weight_decay_mode")
 
 
@@ -115,12 +116,13 @@ def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_class
     per_device = config.per_device_perturbation and spec.name != "sgd"
     l2 = config.weight_decay if config.weight_decay_mode == "loss" else 0.0
     key = (_model_key(config, num_classes), spec, float(config.label_smoothing), float(l2),
-           per_device, _mesh_key(mesh), step_kind)
+           per_device, _mesh_key(mesh), int(config.grad_accum), step_kind)
     if key not in _TRAIN_STEPS:
         step = make_train_step(model, spec, label_smoothing=config.label_smoothing,
                                l2_weight_decay=l2,
                                axis_name=parallel.DATA_AXIS if per_device else None,
-                               sync_perturbation=not per_device, step_kind=step_kind)
+                               sync_perturbation=not per_device, step_kind=step_kind,
+                               grad_accum=int(config.grad_accum))
         _TRAIN_STEPS[key] = parallel.jit_train_step(step, mesh, per_device)
     return _TRAIN_STEPS[key]
 
@@ -158,6 +160,13 @@ def check_config(config: TrainConfig) -> list[Phase]:
                              f"choose from {sorted(optim.PERTURBATIONS)}")
         # raises on bad rho / options
         build_optimizer(optimizer_spec(config, phase, steps_for_validation))
+        if config.grad_accum > 1 and phase.name != "sgd" \
+                and optim_registry.algorithm(phase.name).step_picker is not None:
+            title = optim_registry.algorithm(phase.name).title or phase.name
+            raise ValueError(
+                f"grad_accum={config.grad_accum} is not supported for {title} phases "
+                f"({phase.name!r}): its two step kinds follow a schedule of optimizer "
+                "steps, while under accumulation its transform runs once per microbatch")
     return phases
 
 
@@ -224,6 +233,10 @@ def run(config: TrainConfig) -> RunResult:
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_batch_size(config.batch_size, mesh)
     shards = parallel.num_shards(mesh)
+    if (config.batch_size // shards) % config.grad_accum:
+        raise ValueError(f"the per-device batch {config.batch_size // shards} (batch_size "
+                         f"{config.batch_size} over {shards} devices) does not split into "
+                         f"grad_accum={config.grad_accum} equal microbatches")
 
     steps_per_epoch = train_ds.steps_per_epoch(config.batch_size)
     if steps_per_epoch == 0:

@@ -11,6 +11,10 @@ One step of any phase:
    clean pass only (official JAX SAM; updating them twice is davda54/sam #17);
 3. ``params <- params - lr * direction``; ``lr`` is an argument computed on the host
    from the global step, so one compiled step serves every schedule and phase.
+
+With ``grad_accum=K`` (gradient accumulation) steps 1-2 run once per microbatch
+(the perturbation per microbatch) and the rest of the chain once per step on the
+mean of the K perturbed gradients; see `make_train_step`.
 """
 from __future__ import annotations
 
@@ -90,6 +94,13 @@ def build_optimizer(spec: OptimizerSpec, axis_name: Optional[str] = None,
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
+    return optax.chain(*optimizer_parts(spec, axis_name, sync_perturbation))
+
+
+def optimizer_parts(spec: OptimizerSpec, axis_name: Optional[str] = None,
+                    sync_perturbation: bool = True) -> list:
+    """The transforms `build_optimizer` chains: ``[perturbation, [clip], [decay], trace]``
+    (gradient accumulation runs the first once per microbatch, the rest once per step)."""
     kwargs = dict(spec.kwargs)
     if spec.name != "sgd" and axis_name is not None:
         kwargs.update(axis_name=axis_name, sync_perturbation=sync_perturbation)
@@ -99,7 +110,7 @@ def build_optimizer(spec: OptimizerSpec, axis_name: Optional[str] = None,
     if spec.weight_decay:
         parts.append(optax.add_decayed_weights(spec.weight_decay))
     parts.append(optax.trace(decay=spec.momentum, nesterov=spec.nesterov))
-    return optax.chain(*parts)
+    return parts
 
 
 def _example_weights(batch) -> jax.Array:
@@ -118,6 +129,7 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
                     sync_perturbation: bool = True,
                     eval_mode_curvature: bool = True,
                     step_kind: Optional[bool] = None,
+                    grad_accum: int = 1,
                     **step_kind_alias) -> Callable:
     """The pure train step ``(state, batch, lr, rng) -> (state, metrics)``.
 
@@ -145,6 +157,16 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         keeps the transform's in-graph schedule.
       **step_kind_alias: ``step_kind`` under the algorithm's own keyword (its
         declared ``step_kind_arg``), as older callers pass it.
+      grad_accum: K >= 1 microbatches per step (docs/train.md, "Gradient
+        accumulation"): the
+        (per-device) batch is split into K equal microbatches in order; each gets
+        its clean gradient ``g_j``, its own perturbation (the chain's first
+        transform, run once per microbatch: ε_j from ``g_j``, m-sharpness with
+        m = the microbatch size) and its perturbed gradient; their mean goes
+        through the rest of the chain once. BatchNorm: each microbatch is
+        normalized by its own statistics; the new running statistics are the mean
+        of the K microbatches' updates of the step's statistics (one EMA update
+        per step). K = 1 is the plain step (the same code, bit for bit).
 
     Returns:
       ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
@@ -167,7 +189,10 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
     if step_kind is not None and own_arg is None:
         raise ValueError(f"the phase {spec.name!r} has one kind of step; step_kind must be None")
     logged, inputs = declared.logged_fields, declared.update_inputs
-    tx = build_optimizer(spec, axis_name, sync_perturbation)
+    if int(grad_accum) != grad_accum or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+    parts = optimizer_parts(spec, axis_name, sync_perturbation)
+    tx = optax.chain(*parts)
     passes_through = spec.name == "sgd" or spec.rho == 0
 
     def loss_and_aux(params, batch_stats, batch, rng, train=True):
@@ -186,15 +211,7 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         objective = loss + l2_weight_decay * l2_penalty(params) if l2_weight_decay else loss
         return objective, (loss, logits, new_stats)
 
-    def step(state: TrainState, batch, lr, rng):
-        if axis_name is not None:  # a different dropout key per device (see loop.dropout_key)
-            rng = rng.at[1].add(jax.lax.axis_index(axis_name).astype(rng.dtype))
-        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
-        (_, (loss, logits, new_stats)), grads = grad_of(state.params, state.batch_stats, batch, rng)
-
-        def grad_fn(params):  # train-mode BN; its updated statistics are discarded
-            return jax.grad(lambda p: loss_and_aux(p, state.batch_stats, batch, rng)[0])(params)
-
+    def update_inputs(state: TrainState, batch, lr, rng) -> dict:
         extra = {} if step_kind is None else {own_arg: bool(step_kind)}
         for name in inputs:  # what the algorithm asks for, from what the engine has
             if name == optim_core.EVAL_MODE_GRAD_FN:
@@ -206,6 +223,20 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
             else:
                 raise ValueError(f"{spec.name!r} asks for update input {name!r}, which this "
                                  f"engine does not provide ({optim_core.ENGINE_INPUTS})")
+        return extra
+
+    def step(state: TrainState, batch, lr, rng):
+        if axis_name is not None:  # a different dropout key per device (see loop.dropout_key)
+            rng = rng.at[1].add(jax.lax.axis_index(axis_name).astype(rng.dtype))
+        if grad_accum > 1:
+            return accumulated_step(state, batch, lr, rng)
+        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
+        (_, (loss, logits, new_stats)), grads = grad_of(state.params, state.batch_stats, batch, rng)
+
+        def grad_fn(params):  # train-mode BN; its updated statistics are discarded
+            return jax.grad(lambda p: loss_and_aux(p, state.batch_stats, batch, rng)[0])(params)
+
+        extra = update_inputs(state, batch, lr, rng)
         grad_norm = optax.tree.norm(grads)
         direction, opt_state = tx.update(grads, state.opt_state, state.params,
                                          grad_fn=grad_fn, **extra)
@@ -222,12 +253,65 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         metrics["perturbation_norm"] = stats.get("perturbation_norm", jnp.zeros((), jnp.float32))
         for key in logged:
             metrics[key] = stats[key]
+        return finish(params, new_stats, opt_state, metrics)
+
+    def finish(params, new_stats, opt_state, metrics):
         if axis_name is not None:
             sums = {k: jax.lax.psum(metrics[k], axis_name) for k in ("loss_sum", "correct", "count")}
             means = jax.lax.pmean({k: v for k, v in metrics.items() if k not in sums}, axis_name)
             metrics = {**sums, **means}
             new_stats = jax.lax.pmean(new_stats, axis_name)
         return TrainState(params, new_stats, opt_state), metrics
+
+    perturbation, rest = parts[0], optax.chain(*parts[1:])
+
+    def accumulated_step(state: TrainState, batch, lr, rng):
+        # K microbatches in order, unrolled (XLA:CPU runs convolutions inside while
+        # bodies far slower, jax-ml/jax#12868); the perturbation's state is threaded.
+        size = batch["y"].shape[0]
+        if size % grad_accum:
+            raise ValueError(f"the (per-device) batch of {size} examples does not split into "
+                             f"grad_accum={grad_accum} equal microbatches")
+        m = size // grad_accum
+        pert_state = state.opt_state[0]
+        totals, per_micro = None, []
+        for j in range(grad_accum):
+            micro = jax.tree.map(lambda x, j=j: x[j * m:(j + 1) * m], batch)
+            micro_rng = jax.random.fold_in(rng, j)
+            grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
+            (_, (loss, logits, stats_j)), grads = grad_of(state.params, state.batch_stats,
+                                                         micro, micro_rng)
+
+            def grad_fn(params, micro=micro, micro_rng=micro_rng):
+                return jax.grad(
+                    lambda p: loss_and_aux(p, state.batch_stats, micro, micro_rng)[0])(params)
+
+            extra = update_inputs(state, micro, lr, micro_rng)
+            direction, pert_state = perturbation.update(grads, pert_state, state.params,
+                                                        grad_fn=grad_fn, **extra)
+            weights = _example_weights(micro)
+            correct = jnp.sum((jnp.argmax(logits, -1) == micro["y"]) * weights)
+            sums = {"direction": direction, "grads": grads, "batch_stats": stats_j,
+                    "loss_sum": loss * jnp.sum(weights), "correct": correct,
+                    "count": jnp.sum(weights)}
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            per_micro.append(optim.perturbation_stats((pert_state,)))
+        mean = lambda tree: jax.tree.map(lambda x: x / grad_accum, tree)  # noqa: E731
+        direction = mean(totals["direction"])
+        if axis_name is not None and passes_through:
+            direction = jax.lax.pmean(direction, axis_name)
+        direction, rest_state = rest.update(direction, tuple(state.opt_state[1:]), state.params)
+        opt_state = (pert_state, *rest_state)
+        params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), state.params, direction)
+        new_stats = mean(totals["batch_stats"])
+        metrics = {k: totals[k] for k in ("loss_sum", "correct", "count")}
+        metrics["grad_norm"] = optax.tree.norm(mean(totals["grads"]))
+        zero = jnp.zeros((), jnp.float32)
+        metrics["perturbation_norm"] = sum(s.get("perturbation_norm", zero)
+                                           for s in per_micro) / grad_accum
+        for key in logged:  # the latest value, as without accumulation
+            metrics[key] = per_micro[-1][key]
+        return finish(params, new_stats, opt_state, metrics)
 
     return step
 
