@@ -231,3 +231,19 @@ def test_cells_are_checked():
     assert cells.size == 12 and cells.row(0) == dict(n=10, dim=5, signal_norm=1.0, tau=0.0,
                                                      lr=pytest.approx(0.1), seed=0)
     assert np.array_equal(cells.seed[:3], [0, 1, 2])  # seed varies fastest
+
+
+def test_unrolled_threefry_is_bit_for_bit_jax_threefry():
+    """grid's fast PRNG gives exactly the numbers of jax.random.PRNGKey through every sampler used."""
+    for seed in (3, -7):
+        ours, theirs = grid.rng_key(seed), jax.random.PRNGKey(seed)
+        assert np.array_equal(jax.random.key_data(ours), theirs)
+        draws = [lambda k: jax.random.normal(jax.random.fold_in(k, 5), (7, 3)),
+                 lambda k: jax.random.uniform(k, (11,)),
+                 lambda k: jax.random.randint(jax.random.fold_in(k, 17), (10,), 0, 137),
+                 lambda k: jax.random.bits(k, (3, 4), dtype=jnp.uint8),
+                 lambda k: jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(k, c), (4, 1)))(jnp.arange(9))]
+        for draw in draws:
+            np.testing.assert_array_equal(jax.jit(draw)(ours), jax.jit(draw)(theirs))
+        split = jax.random.key_data(jax.random.split(ours, (2, 3)))
+        np.testing.assert_array_equal(split, jax.random.split(theirs, (2, 3)).reshape(2, 3, 2))

@@ -261,8 +261,10 @@ def _rng_bits(key, bit_width, shape):
     bits1, bits2 = _threefry2x32(key[0], key[1], *_counts(tuple(shape)))
     dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bit_width]
     if bit_width == 64:
-        return jax.lax.shift_left(bits1.astype(dtype), dtype(32)) | bits2.astype(dtype)
-    return (bits1 ^ bits2).astype(dtype)
+        bits = jax.lax.shift_left(bits1.astype(dtype), dtype(32)) | bits2.astype(dtype)
+    else:
+        bits = (bits1 ^ bits2).astype(dtype)
+    return bits
 
 
 _RNG = jax.extend.random.define_prng_impl(
@@ -284,8 +286,12 @@ def _coordinate_normal(key, num_coords: int, shape: tuple) -> jax.Array:
     Coordinate c's values do not depend on ``num_coords``, and (partitionable threefry)
     a shorter leading axis of ``shape`` gives a prefix: padding-independent draws.
     """
-    keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(num_coords))
-    draws = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)  # (coords, *shape)
+    # A loop over coordinates (``lax.map``), not a ``vmap``: the loop's output is a
+    # materialized buffer. Vmapped, XLA:CPU fused the whole hash -> uniform -> erf_inv
+    # chain into each consumer of the draws (the projection off mu, the patches, ...)
+    # and recomputed it there: generating a cell's data cost ~2x more.
+    draws = jax.lax.map(lambda c: jax.random.normal(jax.random.fold_in(key, c), shape),
+                        jnp.arange(num_coords))  # (coords, *shape)
     return jnp.moveaxis(draws, 0, -1)
 
 
@@ -303,7 +309,9 @@ def _patches(key, size: int, mu, unit, dim_mask, spec: GridSpec) -> dict:
     patches = []
     for p in range(spec.num_patches):
         slot = jnp.where(p < position, p, p - 1).clip(0, spec.num_patches - 2)
-        noise_p = jnp.take_along_axis(noise, slot[:, None, None], axis=1)[:, 0]
+        noise_p = noise[:, 0]  # a select chain, not a gather (XLA:CPU gathers are slow under vmap)
+        for s in range(1, spec.num_patches - 1):
+            noise_p = jnp.where((slot == s)[:, None], noise[:, s], noise_p)
         patches.append(jnp.where((position == p)[:, None], clean_pm[:, None] * mu, noise_p))
     to_class = lambda pm: ((pm + 1) // 2).astype(jnp.int32)  # noqa: E731
     return {"x": jnp.stack(patches, axis=1), "y": to_class(observed_pm), "clean_y": to_class(clean_pm),
