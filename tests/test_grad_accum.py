@@ -136,6 +136,32 @@ def test_uneven_split_is_refused(linear):
         make_train_step(model, _spec(), label_smoothing=0.0, l2_weight_decay=0.0, grad_accum=0)
 
 
+@pytest.mark.parametrize("name,kwargs,kind", [
+    ("sam", (), None),
+    ("eigen_sam", (("power_iters", 2), ("refresh_every", 1)), True),  # a refresh step
+    ("looksam", (("k", 2),), None),
+])
+def test_batch_epsilon_is_the_full_batch_step(linear, name, kwargs, kind):
+    # accum_epsilon="batch": ascent gradient and grad_fn are microbatch means, i.e.
+    # (no BN) the whole batch's, so the step equals grad_accum=1's for any member.
+    model, params, _, _ = linear
+    spec = OptimizerSpec(name=name, rho=RHO, kwargs=kwargs, momentum=0.9, nesterov=False,
+                         weight_decay=0.0, clip_norm=None)
+    state = TrainState(params, {}, build_optimizer(spec).init(params))
+    out = [jax.jit(make_train_step(model, spec, label_smoothing=0.0, l2_weight_decay=0.0,
+                                   grad_accum=k, accum_epsilon="batch", step_kind=kind))(
+        state, BATCH, np.float32(LR), RNG) for k in (1, K)]
+    _close(out[0][0].params, out[1][0].params, rtol=1e-5, atol=1e-6)
+    assert int(out[1][0].opt_state[0].count) == 1  # the transform ran once
+    for key in out[0][1]:
+        np.testing.assert_allclose(np.asarray(out[0][1][key]), np.asarray(out[1][1][key]),
+                                   rtol=1e-5, atol=1e-6)
+    if name == "sam":  # and the hand formula of full-batch SAM
+        h = _sam_grad(params, BATCH["x"], BATCH["y"])
+        _close(out[1][0].params, jax.tree.map(lambda p, d: p - LR * d, params, h),
+               rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ config and engine
 def test_config_validation_and_step_kind_algorithms_refused():
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
@@ -146,12 +172,19 @@ def test_config_validation_and_step_kind_algorithms_refused():
         with pytest.raises(ValueError, match="not supported for"):
             loop.check_config(TrainConfig(phases=phases, grad_accum=2))
     loop.check_config(TrainConfig(phases="sgd:1,sam:1,gsam:1", grad_accum=2))
+    loop.check_config(TrainConfig(phases="looksam:1,eigen_sam:1", grad_accum=2,
+                                  accum_epsilon="batch"))
+    with pytest.raises(ValueError, match="accum_epsilon"):
+        TrainConfig(accum_epsilon="global").validate()
 
 
 def test_grad_accum_is_run_defining():
     a, b = TrainConfig(grad_accum=1), TrainConfig(grad_accum=2)
     with pytest.raises(loop.CheckpointError, match="grad_accum"):
         loop._check_resume_compatible({"config": a.to_dict()}, b, "somewhere")
+    c = TrainConfig(grad_accum=2, accum_epsilon="batch")
+    with pytest.raises(loop.CheckpointError, match="accum_epsilon"):
+        loop._check_resume_compatible({"config": b.to_dict()}, c, "somewhere")
 
 
 @pytest.mark.parametrize("per_device", [False, True])
@@ -168,11 +201,27 @@ def test_engine_run_with_grad_accum(tmp_path, per_device):
     assert result.history[-1]["perturbation_norm"] > 0
 
 
+def test_engine_batch_epsilon_with_host_step_kinds(tmp_path):
+    # Eigen-SAM (two step kinds picked on the host) under full-batch-epsilon accumulation
+    # equals the run without accumulation (mlp: no BN), to float rounding.
+    base = dict(dataset="mnist1d", model="mlp", model_kwargs={"width": 8, "depth": 1},
+                phases="sgd:1,eigen_sam:1:0.05:refresh_every=1:power_iters=1",
+                batch_size=32, steps_per_epoch=3, progress=False)
+    plain = loop.run(TrainConfig(workdir=str(tmp_path / "k1"), **base))
+    accum = loop.run(TrainConfig(workdir=str(tmp_path / "k2"), grad_accum=2,
+                                 accum_epsilon="batch", **base))
+    _close(plain.variables, accum.variables, rtol=1e-4, atol=1e-5)
+    assert accum.history[-1]["eigenvalue"] != 0.0
+    np.testing.assert_allclose(accum.history[-1]["eigenvalue"], plain.history[-1]["eigenvalue"],
+                               rtol=1e-4)
+    assert accum.grad_evals == plain.grad_evals
+
+
 def test_cli_flag():
     from sam_jax.train.cli import build_parser
 
-    args = build_parser().parse_args(["--grad-accum", "4"])
-    assert args.grad_accum == 4
+    args = build_parser().parse_args(["--grad-accum", "4", "--accum-epsilon", "batch"])
+    assert args.grad_accum == 4 and args.accum_epsilon == "batch"
 
 
 # ------------------------------------------------- host_step_kinds, generated help

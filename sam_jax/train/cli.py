@@ -32,6 +32,9 @@ _HELP = {
                   "batch, split into K); per-microbatch epsilon (m-sharpness, m = microbatch "
                   "size), perturbed gradients averaged; BN: own statistics per microbatch, "
                   "one running-statistics update per step",
+    "accum_epsilon": "with --grad-accum > 1: microbatch (epsilon per microbatch) | batch "
+                     "(full-batch epsilon, exact: ascent and perturbed gradients averaged "
+                     "over the microbatches; any algorithm)",
     "eval_batch_size": "test evaluation batch size",
     "steps_per_epoch": "cap on steps per epoch (default: one pass over the train set)",
     "lr": "peak learning rate",

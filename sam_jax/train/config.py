@@ -22,6 +22,8 @@ SCHEDULES = ("cosine", "wrn_step", "constant")
 WEIGHT_DECAY_MODES = ("decoupled", "loss")
 MOMENTUM_AT_SWITCH = ("reset", "carry")
 BN_MODES = ("batch", "running")
+# Gradient accumulation: where the perturbation's ascent gradient comes from.
+ACCUM_EPSILON = ("microbatch", "batch")
 # Deprecated field name, kept so that older code and config.json files load.
 _DEPRECATED_HOST_ALIAS = "eigen_refresh_on_host"
 
@@ -148,8 +150,14 @@ class TrainConfig:
         running statistics get one EMA update per step, from the mean of the
         microbatches' statistics. The perturbation's state advances once per
         microbatch, so algorithms with two step kinds (a declared step picker,
-        whose schedule counts optimizer steps) are refused with K > 1. Changes
-        the run's mathematics (m), not only its memory. 1: off.
+        whose schedule counts optimizer steps) are refused with K > 1 unless
+        ``accum_epsilon="batch"``. Changes the run's mathematics (m), not only
+        its memory. 1: off.
+      accum_epsilon: ``"microbatch"`` (above) or ``"batch"``: full-batch ε, exact:
+        the ascent gradient is the mean of the K microbatches' clean gradients and
+        the perturbed gradient the mean of their gradients at ``w + ε``; the
+        transform runs once per step (any algorithm; without BatchNorm the step
+        of ``grad_accum=1`` to float rounding). Same gradient count.
       eval_batch_size: batch size for test evaluation.
       steps_per_epoch: cap on steps per epoch (None: one pass over the train set);
         for quick tests.
@@ -210,6 +218,7 @@ class TrainConfig:
     perturbation_kwargs: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 128
     grad_accum: int = 1
+    accum_epsilon: str = "microbatch"
     eval_batch_size: int = 500
     steps_per_epoch: int | None = None
     lr: float = 0.1
@@ -311,6 +320,7 @@ class TrainConfig:
         _check_choice("weight_decay_mode", self.weight_decay_mode, WEIGHT_DECAY_MODES)
         _check_choice("momentum_at_switch", self.momentum_at_switch, MOMENTUM_AT_SWITCH)
         _check_choice("lambda_max_bn_mode", self.lambda_max_bn_mode, BN_MODES)
+        _check_choice("accum_epsilon", self.accum_epsilon, ACCUM_EPSILON)
         positive = dict(batch_size=self.batch_size, grad_accum=self.grad_accum,
                         eval_batch_size=self.eval_batch_size,
                         checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,

@@ -39,7 +39,8 @@ from sam_jax.train.step import (PERTURBATION_INDEX, TRACE_INDEX, OptimizerSpec, 
 
 # Fields a resumed run must share with the run that wrote the checkpoint.
 _RESUME_MUST_MATCH = ("dataset", "dataset_kwargs", "model", "model_kwargs", "phases", "rho",
-                      "perturbation_kwargs", "batch_size", "grad_accum", "steps_per_epoch",
+                      "perturbation_kwargs", "batch_size", "grad_accum", "accum_epsilon",
+                      "steps_per_epoch",
                       "seed", "lr",
                       "schedule", "momentum", "weight_decay", "weight_decay_mode")
 
@@ -116,13 +117,15 @@ def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_class
     per_device = config.per_device_perturbation and spec.name != "sgd"
     l2 = config.weight_decay if config.weight_decay_mode == "loss" else 0.0
     key = (_model_key(config, num_classes), spec, float(config.label_smoothing), float(l2),
-           per_device, _mesh_key(mesh), int(config.grad_accum), step_kind)
+           per_device, _mesh_key(mesh), int(config.grad_accum), config.accum_epsilon,
+           step_kind)
     if key not in _TRAIN_STEPS:
         step = make_train_step(model, spec, label_smoothing=config.label_smoothing,
                                l2_weight_decay=l2,
                                axis_name=parallel.DATA_AXIS if per_device else None,
                                sync_perturbation=not per_device, step_kind=step_kind,
-                               grad_accum=int(config.grad_accum))
+                               grad_accum=int(config.grad_accum),
+                               accum_epsilon=config.accum_epsilon)
         _TRAIN_STEPS[key] = parallel.jit_train_step(step, mesh, per_device)
     return _TRAIN_STEPS[key]
 
@@ -160,13 +163,15 @@ def check_config(config: TrainConfig) -> list[Phase]:
                              f"choose from {sorted(optim.PERTURBATIONS)}")
         # raises on bad rho / options
         build_optimizer(optimizer_spec(config, phase, steps_for_validation))
-        if config.grad_accum > 1 and phase.name != "sgd" \
+        if config.grad_accum > 1 and config.accum_epsilon == "microbatch" \
+                and phase.name != "sgd" \
                 and optim_registry.algorithm(phase.name).step_picker is not None:
             title = optim_registry.algorithm(phase.name).title or phase.name
             raise ValueError(
                 f"grad_accum={config.grad_accum} is not supported for {title} phases "
                 f"({phase.name!r}): its two step kinds follow a schedule of optimizer "
-                "steps, while under accumulation its transform runs once per microbatch")
+                "steps, while with per-microbatch epsilon its transform runs once per "
+                "microbatch; use accum_epsilon='batch' (full-batch epsilon)")
     return phases
 
 

@@ -29,6 +29,7 @@ from sam_jax import optim
 from sam_jax.losses import cross_entropy  # noqa: F401  (also exported here, as before)
 from sam_jax.optim import _core as optim_core
 from sam_jax.optim import registry as optim_registry
+from sam_jax.train.config import ACCUM_EPSILON
 
 Params = Any
 
@@ -130,6 +131,7 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
                     eval_mode_curvature: bool = True,
                     step_kind: Optional[bool] = None,
                     grad_accum: int = 1,
+                    accum_epsilon: str = "microbatch",
                     **step_kind_alias) -> Callable:
     """The pure train step ``(state, batch, lr, rng) -> (state, metrics)``.
 
@@ -167,6 +169,12 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         normalized by its own statistics; the new running statistics are the mean
         of the K microbatches' updates of the step's statistics (one EMA update
         per step). K = 1 is the plain step (the same code, bit for bit).
+      accum_epsilon: with K > 1, ``"microbatch"`` (above) or ``"batch"``: full-batch
+        ε, exact: the ascent gradient is the mean of the microbatches' clean
+        gradients and ``grad_fn`` (and the eval-mode one) the mean of their
+        gradient functions, so the transform runs once per step on the whole
+        batch's gradients (without BatchNorm: the K = 1 step, to float rounding;
+        step kinds work as without accumulation). Same cost in gradients.
 
     Returns:
       ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
@@ -191,6 +199,8 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
     logged, inputs = declared.logged_fields, declared.update_inputs
     if int(grad_accum) != grad_accum or grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+    if accum_epsilon not in ACCUM_EPSILON:
+        raise ValueError(f"accum_epsilon must be one of {ACCUM_EPSILON}, got {accum_epsilon!r}")
     parts = optimizer_parts(spec, axis_name, sync_perturbation)
     tx = optax.chain(*parts)
     passes_through = spec.name == "sgd" or spec.rho == 0
@@ -228,6 +238,8 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
     def step(state: TrainState, batch, lr, rng):
         if axis_name is not None:  # a different dropout key per device (see loop.dropout_key)
             rng = rng.at[1].add(jax.lax.axis_index(axis_name).astype(rng.dtype))
+        if grad_accum > 1 and accum_epsilon == "batch":
+            return batch_epsilon_step(state, batch, lr, rng)
         if grad_accum > 1:
             return accumulated_step(state, batch, lr, rng)
         grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
@@ -265,19 +277,69 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
 
     perturbation, rest = parts[0], optax.chain(*parts[1:])
 
-    def accumulated_step(state: TrainState, batch, lr, rng):
-        # K microbatches in order, unrolled (XLA:CPU runs convolutions inside while
-        # bodies far slower, jax-ml/jax#12868); the perturbation's state is threaded.
+    def split(batch, rng):
         size = batch["y"].shape[0]
         if size % grad_accum:
             raise ValueError(f"the (per-device) batch of {size} examples does not split into "
                              f"grad_accum={grad_accum} equal microbatches")
         m = size // grad_accum
+        micros = [jax.tree.map(lambda x, j=j: x[j * m:(j + 1) * m], batch)
+                  for j in range(grad_accum)]
+        return micros, [jax.random.fold_in(rng, j) for j in range(grad_accum)]
+
+    def mean_of(fns):
+        def fn(params):
+            total = None
+            for f in fns:  # one microbatch's backward pass at a time
+                g = f(params)
+                total = g if total is None else jax.tree.map(jnp.add, total, g)
+            return jax.tree.map(lambda x: x / len(fns), total)
+        return fn
+
+    def batch_epsilon_step(state: TrainState, batch, lr, rng):
+        # Full-batch ε: the ascent gradient and every gradient the transform asks
+        # for are means over the microbatches, i.e. the whole batch's (without BN);
+        # the transform runs once per step, so step kinds work as without accumulation.
+        micros, rngs = split(batch, rng)
+        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
+        totals, grad_fns, eval_fns = None, [], []
+        for micro, micro_rng in zip(micros, rngs):
+            (_, (loss, logits, stats_j)), grads = grad_of(state.params, state.batch_stats,
+                                                         micro, micro_rng)
+            weights = _example_weights(micro)
+            sums = {"grads": grads, "batch_stats": stats_j,
+                    "loss_sum": loss * jnp.sum(weights), "count": jnp.sum(weights),
+                    "correct": jnp.sum((jnp.argmax(logits, -1) == micro["y"]) * weights)}
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            grad_fns.append(jax.grad(lambda p, micro=micro, r=micro_rng:
+                                     loss_and_aux(p, state.batch_stats, micro, r)[0]))
+            eval_fns.append(update_inputs(state, micro, lr, micro_rng))
+        mean = lambda tree: jax.tree.map(lambda x: x / grad_accum, tree)  # noqa: E731
+        grads = mean(totals["grads"])
+        extra = dict(eval_fns[0])
+        if optim_core.EVAL_MODE_GRAD_FN in extra:
+            extra[optim_core.EVAL_MODE_GRAD_FN] = mean_of(
+                [e[optim_core.EVAL_MODE_GRAD_FN] for e in eval_fns])
+        direction, opt_state = tx.update(grads, state.opt_state, state.params,
+                                         grad_fn=mean_of(grad_fns), **extra)
+        if axis_name is not None and passes_through:
+            direction = jax.lax.pmean(direction, axis_name)
+        params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), state.params, direction)
+        metrics = {k: totals[k] for k in ("loss_sum", "correct", "count")}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        stats = optim.perturbation_stats(opt_state)
+        metrics["perturbation_norm"] = stats.get("perturbation_norm", jnp.zeros((), jnp.float32))
+        for key in logged:
+            metrics[key] = stats[key]
+        return finish(params, mean(totals["batch_stats"]), opt_state, metrics)
+
+    def accumulated_step(state: TrainState, batch, lr, rng):
+        # K microbatches in order, unrolled (XLA:CPU runs convolutions inside while
+        # bodies far slower, jax-ml/jax#12868); the perturbation's state is threaded.
+        micros, rngs = split(batch, rng)
         pert_state = state.opt_state[0]
         totals, per_micro = None, []
-        for j in range(grad_accum):
-            micro = jax.tree.map(lambda x, j=j: x[j * m:(j + 1) * m], batch)
-            micro_rng = jax.random.fold_in(rng, j)
+        for micro, micro_rng in zip(micros, rngs):
             grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
             (_, (loss, logits, stats_j)), grads = grad_of(state.params, state.batch_stats,
                                                          micro, micro_rng)
