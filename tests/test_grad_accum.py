@@ -251,3 +251,19 @@ def test_phases_help_is_generated_from_the_registry():
     for name in registry.PERTURBATIONS:
         assert f"{name} (" in text or f"{name}:" in text
     assert "refresh_every" in text and "k, eps" in text  # declared / signature options
+
+
+# ------------------------------------------- the library's evaluation loop (loop.py)
+def test_make_evaluator_matches_the_formula_on_every_example():
+    from sam_jax.data import get_dataset
+    from sam_jax.models import get_model
+
+    test = get_dataset("mnist1d", "test").subset(130)  # 130 = 2 batches of 64 + 2 padded
+    model = get_model("mlp", test.num_classes, width=8, depth=1)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *test.input_shape)))
+    result = loop.make_evaluator(model, batch_size=64)(variables, test)
+    arrays = test.arrays()
+    logits = model.apply(variables, arrays["x"], train=False)
+    losses = -jax.nn.log_softmax(logits)[np.arange(130), arrays["y"]]
+    np.testing.assert_allclose(result["loss"], float(jnp.mean(losses)), rtol=1e-5)
+    assert result["acc"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == arrays["y"])))
