@@ -23,7 +23,7 @@ from sam_jax.optim._core import (
     perturbation_transform,
     warm_power_iteration,
 )
-from sam_jax.optim.accumulate import accumulate
+from sam_jax.optim.multisteps import accumulate
 from sam_jax.optim.asam import ASAMState, asam
 from sam_jax.optim.egr import EGRState, egr
 from sam_jax.optim.eigen_sam import EigenSAMState, eigen_sam, hessian_vector_product

@@ -434,7 +434,7 @@ def perturbation_transform(
     check_axis_name(axis_name)
 
     def init_fn(params):
-        from sam_jax.optim.accumulate import refuse_inside_multisteps
+        from sam_jax.optim.multisteps import refuse_inside_multisteps
 
         refuse_inside_multisteps(name)  # optax.MultiSteps around us is wrong for SAM
         extra = init_extra(params) if init_extra is not None else {}
