@@ -36,6 +36,7 @@ accelerator, smaller d), not measured here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -96,21 +97,31 @@ def main(argv=None) -> dict:
                           jax.jit(grid.train_step, static_argnums=0),
                           jax.jit(grid.evaluate_cell, static_argnums=0))
 
+    step_call_s = {n: [] for n in specs}  # the loop's seconds per step call (its steps only)
+
     def run_loop(name, index):
         spec = specs[name]
         init, step, evaluate = loop_fns[name]
         cell = grid.Cells(*(jnp.asarray(np.asarray(v)[index]) for v in cells))
         data, state = init(spec, cell)
-        first = evaluate(spec, cell, state.params, data)
+        first = block(evaluate(spec, cell, state.params, data))
+        t0 = time.perf_counter()
         for t in range(spec.steps):
             state, _ = step(spec, cell, data, state, t)
+        block(state)
+        step_call_s[name].append((time.perf_counter() - t0) / spec.steps)
         last = evaluate(spec, cell, state.params, data)
         return block((first, last, state.params))
 
-    def run_grid(name):
-        return grid.train_grid(specs[name], cells)  # returns numpy: already synchronized
+    # The same grid with 1 step: its data generation + 2 evaluations (fixed cost per cell).
+    one_step = {name: dataclasses.replace(spec, steps=1) for name, spec in specs.items()}
+
+    def run_grid(name, steps_one=False):
+        spec = one_step[name] if steps_one else specs[name]
+        return grid.train_grid(spec, cells)  # returns numpy: already synchronized
 
     compile_s, grid_s, loop_s = {}, {n: [] for n in specs}, {n: [] for n in specs}
+    grid1_s = {n: [] for n in specs}
     for name in specs:  # first calls: compilation (+ one execution)
         t0 = time.perf_counter()
         run_grid(name)
@@ -118,6 +129,7 @@ def main(argv=None) -> dict:
         run_loop(name, 0)
         t2 = time.perf_counter()
         compile_s[name] = {"grid_first_call": t1 - t0, "loop_first_cell": t2 - t1}
+        run_grid(name, steps_one=True)  # compile the 1-step grid
         print(f"{name}: first grid call (compile + run) {t1 - t0:.1f} s, first loop cell "
               f"(compile + run) {t2 - t1:.1f} s", flush=True)
 
@@ -135,6 +147,9 @@ def main(argv=None) -> dict:
                 checks.setdefault(name, []).append(
                     float(np.max(np.abs(np.asarray(params["filters"]) - result.params["filters"][i]))))
             loop_s[name].append(statistics.median(per_cell))
+            t0 = time.perf_counter()
+            run_grid(name, steps_one=True)
+            grid1_s[name].append(time.perf_counter() - t0)
             print(f"round {r + 1}/{args.repeats} {name}: grid {grid_s[name][-1]:.2f} s, loop median "
                   f"{loop_s[name][-1]:.3f} s per cell", flush=True)
 
@@ -148,6 +163,20 @@ def main(argv=None) -> dict:
         rows.append((name.upper(), f"{g:.2f}", f"{1e3 * g / cells.size:.2f}", f"{1e3 * per_cell:.1f}",
                      f"{loop_total:.0f}", f"{loop_total / g:.1f}x",
                      f"{compile_s[name]['grid_first_call']:.1f}", f"{max(checks[name]):.1e}"))
+    # Where the time goes: the grid's cost per cell-step (its steps only) against the
+    # loop's cost per step call (the dispatch floor + one cell's arithmetic).
+    rows2 = []
+    for name in specs:
+        g1 = statistics.median(grid1_s[name])
+        per_cell_step = (out[name]["grid_s"] - g1) / (specs[name].steps - 1) / cells.size
+        per_call = statistics.median(step_call_s[name])
+        out[name].update(grid_fixed_s=g1, grid_per_cell_step_s=per_cell_step, loop_per_step_call_s=per_call)
+        rows2.append((name.upper(), f"{1e3 * g1 / cells.size:.2f}", f"{1e6 * per_cell_step:.1f}",
+                      f"{1e6 * per_call:.0f}", f"{per_call / per_cell_step:.1f}x"))
+    header2 = ("optimizer", "grid fixed ms/cell (data + 2 evals)", "grid us/cell-step",
+               "loop us/step call", "steps-only ratio")
+    widths2 = [max(len(str(x)) for x in col) for col in zip(header2, *rows2)]
+    line2 = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths2)) + " |"  # noqa: E731
     g_all = sum(out[n]["grid_s"] for n in specs)
     l_all = sum(out[n]["loop_total_est_s"] for n in specs)
     rows.append(("both", f"{g_all:.2f}", f"{1e3 * g_all / (2 * cells.size):.2f}", "", f"{l_all:.0f}",
@@ -161,6 +190,13 @@ def main(argv=None) -> dict:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line(row))
+    print()
+    print(line2(header2))
+    print("|" + "|".join("-" * (w + 2) for w in widths2) + "|")
+    for row in rows2:
+        print(line2(row))
+    print("(grid fixed: the same grid with 1 step; grid per cell-step = (grid - fixed) / (steps - 1) / cells; "
+          "steps-only ratio = loop per call / grid per cell-step: the speed-up's ceiling for long runs)")
     print(f"\nmedians over {args.repeats} interleaved rounds; compile excluded (the '1st call' "
           f"column is compile + one run); loop total = median s per sampled cell x {cells.size}. "
           f"Target >= 20x: {'met' if l_all / g_all >= 20 else 'NOT met'} ({l_all / g_all:.1f}x).")

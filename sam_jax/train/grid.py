@@ -33,9 +33,10 @@ feature dimensions and masked:
   stay 0 for ever, and neither the logits, nor ``||grad||`` (SAM's normalization), nor
   any inner product changes (``tests/test_train_grid.py`` checks both).
 * The random numbers do not depend on the padding: every random array is drawn with
-  a leading example axis from a per-coordinate key (``fold_in(key, c)``), and JAX's
-  partitionable threefry (the default, checked at import) makes ``draw(key, (n, ...))``
-  a prefix of ``draw(key, (n_max, ...))``. So a cell padded inside a grid sees the
+  a leading example axis from a per-coordinate key (``fold_in(key, c)``), and the
+  partitionable threefry (``rng_key``: JAX's threefry numbers, computed by an unrolled
+  hash that is faster on CPU) makes ``draw(key, (n, ...))`` a prefix of
+  ``draw(key, (n_max, ...))``. So a cell padded inside a grid sees the
   same data, initialization and minibatches as the same cell run alone with
   ``n_max = n`` and ``dim_max = d``; the two agree to float tolerance, not bit for bit,
   because XLA may sum a longer, zero-padded axis (and a vmapped batch) in a different
