@@ -1,6 +1,6 @@
 """Speed-up of the vmapped phase-diagram trainer over a Python loop of the same jitted step.
 
-Run:  python -m benchmarks.grid_trainer              (about 2-3 minutes on 2 CPU cores)
+Run:  python -m benchmarks.grid_trainer              (about 1.5 minutes on 2 CPU cores)
       python -m benchmarks.grid_trainer --quick      (a smaller grid, for a smoke check)
 
 Workload: the phase diagram of ``experiments.benign_overfitting`` at its ``cpu``
@@ -24,13 +24,37 @@ with the thread count pinned (``--threads``: CPU affinity and XLA's intra-op poo
 interleaved over ``--repeats`` rounds so that both see the same machine load; the
 medians over rounds are reported. Target (issue 9): speed-up >= 20x.
 
-Measured on the 2-core development machine (load 6-9 from other jobs): 3.0x (SGD),
-3.5x (SAM), 3.3x overall; a second run at load ~4: 4.4x, 3.7x, 4.0x -- the target is **not** met on this CPU. The loop is already a
-tight jitted loop (no host sync per step, ~0.14 ms per step); the vmapped grid removes
-that dispatch but not the per-cell arithmetic, which at d = 200 (~0.3 MFLOP per SGD
-step, ~0.7 per SAM step, plus generating ~36k Gaussians of data per cell) keeps 2
-cores busy: ~25-50 us per cell-step. The ratio grows where dispatch dominates (an
+Measured on the 2-core development machine (load 5-7 from other jobs), 2026-11-29:
+
+| optimizer | grid ms/cell | loop ms/cell | speed-up | grid fixed ms/cell | grid us/cell-step | loop us/step call |
+|-----------|--------------|--------------|----------|--------------------|-------------------|-------------------|
+| SGD       | 4.22         | 16.5         | 3.9x     | 1.48               | 13.7              | 48                |
+| SAM       | 6.83         | 23.7         | 3.5x     | 1.51               | 26.8              | 75                |
+| both      | 5.52         |              | 3.6x     |                    |                   |                   |
+
+The target (20x) is **not** met on this CPU, and cannot be with this workload: the
+speed-up of long runs is bounded by (loop per step call) / (grid per cell-step) =
+48 / 13.7 = 3.5x (SGD), 75 / 26.8 = 2.8x (SAM). The loop's step call is the jitted
+call's dispatch plus one cell's arithmetic (~50-75 us); the grid removes the dispatch
+but not the arithmetic: one minibatch gradient (B P = 20 patches x d = 200 x 2m = 20
+filters, forward + backward, ~0.16 M multiply-adds) costs ~9 us per cell under vmap
+(~35 GFLOP/s from the 2 shared cores), the minibatch gather ~2.5 us (both profiled
+alone in a scan at 144 cells); SAM takes two gradients. 20x would need <= 2.4 us per SGD cell-step, i.e. > 130 GFLOP/s for the
+gradient alone. The ratio grows where dispatch dominates the arithmetic (an
 accelerator, smaller d), not measured here.
+
+Before the profiling fixes in ``sam_jax/train/grid.py`` (commit c2f64a6, same session,
+same load): grid 10.3 / 10.0 ms per cell (SGD / SAM), loop 23.8 / 27.5 ms, 2.5x
+(earlier sessions' runs: 3.3x, 4.0x). Then a fixed cost of 4-6 ms per cell (data
+generation and the two evaluations; profiled at 144 cells) was as large as the 200 steps: JAX lowers its threefry hash on CPU as
+a rolled loop (~30 ns per random 32-bit value here), XLA recomputed the whole
+RNG -> erf_inv chain in every consumer of the noise draws, and a gather picked the
+noise patches. ``grid.py`` now draws the same numbers bit for bit through an
+unrolled threefry PRNG implementation, materializes the draws (``lax.map`` over
+coordinates) and selects instead of gathering: the fixed cost is ~1.5 ms per cell
+and the grid got ~2x faster. The loop got faster too (its per-step ``fold_in`` and
+``randint`` ran the rolled loop as well, the likely reason; not isolated), so the
+ratio moved little: both sides run the same step function.
 """
 
 from __future__ import annotations
