@@ -24,13 +24,16 @@ with the thread count pinned (``--threads``: CPU affinity and XLA's intra-op poo
 interleaved over ``--repeats`` rounds so that both see the same machine load; the
 medians over rounds are reported. Target (issue 9): speed-up >= 20x.
 
-Measured on the 2-core development machine (load 5-7 from other jobs), 2026-11-29:
+Measured on the 2-core development machine (load 5-6 from other jobs), 2026-11-29:
 
 | optimizer | grid ms/cell | loop ms/cell | speed-up | grid fixed ms/cell | grid us/cell-step | loop us/step call |
 |-----------|--------------|--------------|----------|--------------------|-------------------|-------------------|
 | SGD       | 4.22         | 16.5         | 3.9x     | 1.48               | 13.7              | 48                |
 | SAM       | 6.83         | 23.7         | 3.5x     | 1.51               | 26.8              | 75                |
 | both      | 5.52         |              | 3.6x     |                    |                   |                   |
+
+A second run at load ~1.5: SGD 3.97 vs 16.3 ms per cell (4.1x), SAM 6.77 vs 22.1 (3.3x),
+both 3.6x; grid 13.7 / 28.1 us per cell-step, loop 43 / 75 us per step call.
 
 The target (20x) is **not** met on this CPU, and cannot be with this workload: the
 speed-up of long runs is bounded by (loop per step call) / (grid per cell-step) =
