@@ -180,7 +180,7 @@ def test_engine_in_graph_cond_uses_the_same_per_epoch_rule(tmp_path, monkeypatch
     phases = "sgd:1,eigen_sam:2:0.05:refresh_every=3:power_iters=2"
     host, refreshed, _ = _run_with_spy(tmp_path, monkeypatch, "host", phases)
     cond, _, _ = _run_with_spy(tmp_path, monkeypatch, "cond", phases,
-                               eigen_refresh_on_host=False)
+                               host_step_kinds=False)
     assert refreshed == [3, 8]  # index 3 of each Eigen-SAM epoch (spe 5)
     for a, b in zip(jax.tree.leaves(host.variables), jax.tree.leaves(cond.variables)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Eigen-SAM refreshes decided on the host (`TrainConfig.eigen_refresh_on_host`).
+"""Eigen-SAM refreshes decided on the host (`TrainConfig.host_step_kinds`).
 
 The loop compiles a refresh step and a plain step and picks one per step from the
 optimizer's count; the result must equal the transform's in-graph ``lax.cond``
@@ -42,7 +42,7 @@ def _eigenvalues(result):
 def test_host_refresh_equals_in_graph_cond(tmp_path, per_device):
     host = run(_config(tmp_path / "host", per_device_perturbation=per_device))
     cond = run(_config(tmp_path / "cond", per_device_perturbation=per_device,
-                       eigen_refresh_on_host=False))
+                       host_step_kinds=False))
     _assert_close(host.variables, cond.variables)
     values = _eigenvalues(host)
     # epoch 1 has counts 0, 1 (no estimate yet); refreshes at counts 3 and 6
@@ -56,7 +56,7 @@ def test_host_refresh_equals_in_graph_cond(tmp_path, per_device):
 def test_init_from_mid_phase_reads_the_count_from_the_checkpoint(tmp_path):
     # A host-refresh branch at epoch 2 of an in-graph run: the count restored from the
     # checkpoint is 2, so the branch's first refresh is at its 2nd step (count 3).
-    full = run(_config(tmp_path / "full", keep_every=1, eigen_refresh_on_host=False))
+    full = run(_config(tmp_path / "full", keep_every=1, host_step_kinds=False))
     branch = run(_config(tmp_path / "branch", init_from=str(tmp_path / "full"), init_step=2))
     assert branch.resumed_from == 2
     _assert_close(branch.variables, full.variables)
