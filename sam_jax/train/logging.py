@@ -1,10 +1,21 @@
-"""Run records: ``config.json``, per-epoch ``metrics.jsonl`` and a tqdm progress bar."""
+"""Run records: ``config.json``, per-epoch ``metrics.jsonl`` and a tqdm progress bar.
+
+What a kill cannot destroy: every *rewrite* of a record file (``config.json``, and
+``metrics.jsonl`` when a run starts or resumes) goes through `atomic_write_text`
+(a temporary file in the same directory, flushed and fsynced, then ``os.replace``
+and an fsync of the directory), so the file holds either all of the old text or
+all of the new. Per-epoch records are *appended* (flushed and fsynced); a kill
+mid-append can only leave a torn last line, which `read_metrics` drops with a
+warning naming the file and line (the resumed run writes that epoch again).
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
 import platform
+import tempfile
+import warnings
 from typing import Iterable, Optional
 
 import jax
@@ -24,6 +35,48 @@ def _jsonable(value):
     return value
 
 
+def _fsync_dir(directory: str) -> None:
+    """Makes a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replaces ``path`` by ``text`` atomically: readers (and a kill at any moment)
+    see either the old file, byte for byte, or the new one.
+
+    Writes a temporary file next to ``path`` (same filesystem), flushes and fsyncs
+    it, ``os.replace``-s it over ``path`` and fsyncs the directory. On any failure
+    the temporary file is removed and ``path`` is untouched.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
 def write_config(workdir: str, config_dict: dict, extra: Optional[dict] = None) -> str:
     """Writes ``config.json`` with the config, package/JAX versions and devices."""
     record = {
@@ -35,41 +88,70 @@ def write_config(workdir: str, config_dict: dict, extra: Optional[dict] = None) 
         **(extra or {}),
     }
     path = os.path.join(workdir, CONFIG_FILE)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
     return path
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl`` (empty if absent)."""
+    """The per-epoch records of ``metrics.jsonl`` (empty if absent).
+
+    A last line that is not valid JSON (a record torn by a kill mid-append) is
+    dropped with a warning naming the file and line. An invalid line followed by
+    valid ones is not a torn write: it raises ``ValueError`` naming the file and line.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "epoch" not in record:
+                raise ValueError("not an epoch record")
+        except ValueError as err:
+            if i + 1 < len(lines):
+                raise ValueError(f"{path}, line {n}: not a valid epoch record ({err}); the "
+                                 "file was edited or corrupted (only a torn last line is "
+                                 "repaired automatically)") from err
+            warnings.warn(f"{path}, line {n}: dropped a torn last line (a record cut short "
+                          f"by an interrupted write: {line.strip()[:60]!r}...); a resumed run "
+                          "writes that epoch again", RuntimeWarning, stacklevel=2)
+            break
+        records.append(record)
+    return records
 
 
 class MetricsLog:
     """Appends one JSON line per epoch to ``workdir/metrics.jsonl``.
 
     On resume the file is cut back to the epochs before the resumed epoch, so a run
-    killed between logging and checkpointing leaves no duplicate line.
+    killed between logging and checkpointing leaves no duplicate line, and a torn
+    last line is dropped (`read_metrics`). The cut is one atomic rewrite
+    (`atomic_write_text`): a kill during it leaves the old file intact. Appends are
+    flushed and fsynced, so a kill can at worst tear the line being appended.
 
     Args:
       workdir: run directory.
       keep_before_epoch: drop existing records with ``epoch >= keep_before_epoch``
         (None: start a new file).
+      resumed: the run resumes its own checkpoint at ``keep_before_epoch``: warn
+        (naming the epochs) if the kept records do not reach up to it.
     """
 
-    def __init__(self, workdir: str, keep_before_epoch: Optional[int] = None):
+    def __init__(self, workdir: str, keep_before_epoch: Optional[int] = None,
+                 resumed: bool = False):
         self.path = os.path.join(workdir, METRICS_FILE)
         kept = []
         if keep_before_epoch is not None:
             kept = [r for r in read_metrics(workdir) if r["epoch"] < keep_before_epoch]
+            if resumed:
+                _warn_missing(self.path, kept, keep_before_epoch)
         self.records: list[dict] = kept
-        with open(self.path, "w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        if not (os.path.exists(self.path) and _read_bytes(self.path) == text.encode()):
+            atomic_write_text(self.path, text)
 
     def append(self, record: dict) -> None:
         record = {k: _jsonable(v) for k, v in record.items()}
@@ -77,6 +159,28 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+            os.fsync(f.fileno())
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _warn_missing(path: str, records: list[dict], before_epoch: int) -> None:
+    """Warns when ``records`` lack epochs the restored checkpoint covers."""
+    if not records:
+        if before_epoch > 0:
+            warnings.warn(f"{path} has no records for epochs 0..{before_epoch - 1}, which the "
+                          f"restored checkpoint (epoch {before_epoch}) covers; they cannot be "
+                          "rewritten without retraining", RuntimeWarning, stacklevel=3)
+        return
+    have = {r["epoch"] for r in records}
+    missing = [e for e in range(records[0]["epoch"], before_epoch) if e not in have]
+    if missing:
+        warnings.warn(f"{path} lacks the records of epochs {missing}, which the restored "
+                      f"checkpoint (epoch {before_epoch}) covers; they cannot be rewritten "
+                      "without retraining", RuntimeWarning, stacklevel=3)
 
 
 class Progress:

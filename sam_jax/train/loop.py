@@ -299,7 +299,8 @@ def run(config: TrainConfig) -> RunResult:
 
     repl = parallel.replicated(mesh)
     state = TrainState(params, batch_stats, opt_state)
-    log = MetricsLog(workdir, keep_before_epoch=start_epoch if start_epoch else None)
+    log = MetricsLog(workdir, keep_before_epoch=start_epoch if start_epoch else None,
+                     resumed=latest is not None)
     config_path = write_config(workdir, config.to_dict(), {
         "num_classes": num_classes, "input_shape": list(train_ds.input_shape),
         "steps_per_epoch": steps_per_epoch, "total_epochs": total_epochs,
