@@ -203,6 +203,11 @@ class TrainConfig:
         given); a value given here is copied into ``host_step_kinds`` with a
         ``DeprecationWarning``.
 
+    Run identity: a resume refuses a change of any field but the logistics ones
+    (`LOGISTICS_FIELDS`: workdir, resume, progress, eval_every, checkpoint_every,
+    keep_last, keep_every, lambda_max_every, host_step_kinds and its alias); the
+    others are `RUN_IDENTITY_FIELDS` (`identity_differences`).
+
     Engine options: an algorithm that declares ``engine_options`` (e.g. the run's
     ``steps_per_epoch``) gets them from the engine unless the phase sets them; see
     the algorithm's module and ``docs/train.md`` for what it does with them.
@@ -360,3 +365,67 @@ class TrainConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+
+
+# ------------------------------------------------------------------ run identity
+# Fields a resume may change: they decide where outputs go, how often things are
+# saved, logged or shown, and how a step is dispatched, never what the run computes.
+# Every other field is part of the run's identity (`RUN_IDENTITY_FIELDS`), so a new
+# field is identity unless it is added here with a reason.
+LOGISTICS_FIELDS: dict[str, str] = {
+    "workdir": "where the run lives (a copied or moved workdir resumes)",
+    "resume": "whether to resume at all",
+    "progress": "the progress bar",
+    "eval_every": "test-evaluation cadence; evaluation does not feed back into training",
+    "checkpoint_every": "checkpoint cadence; a resume is bit for bit from any checkpoint",
+    "keep_last": "checkpoint retention",
+    "keep_every": "checkpoint retention",
+    "lambda_max_every": "lambda_max logging cadence (its protocol fields are identity)",
+    "host_step_kinds": "dispatch of an algorithm's two step kinds (host pick or in-graph "
+                       "cond); same step, equal to float rounding (tests: params bit for "
+                       "bit, eigenvalue to one ulp), so it may change at rounding level",
+    _DEPRECATED_HOST_ALIAS: "deprecated alias of host_step_kinds",
+}
+
+
+def _identity_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig)
+                 if f.name not in LOGISTICS_FIELDS)
+
+
+# Everything that changes the mathematics of the run or the meaning of what it logs:
+# data, model, phases (hence the number of epochs: the schedule spans them all, so
+# a finished run cannot be extended in place), optimizer, loss, devices, seed,
+# init_from/init_step, and the evaluation/lambda_max protocol (eval_batch_size
+# sets lambda_max's batches, which BatchNorm in 'batch' mode normalizes by).
+RUN_IDENTITY_FIELDS: tuple[str, ...] = _identity_fields()
+
+
+def _canonical(name: str, value: Any) -> Any:
+    """A value in the form it has after a JSON round trip (checkpoint meta), with
+    ``init_from`` as a normalized absolute path."""
+    value = json.loads(json.dumps(value, sort_keys=True))
+    if name == "init_from" and isinstance(value, str):
+        import os
+
+        value = os.path.normpath(os.path.abspath(value))
+    return value
+
+
+def identity_differences(saved: dict, config: "TrainConfig") -> list[tuple[str, Any, Any]]:
+    """``[(field, saved value, new value)]`` for each identity field that differs.
+
+    ``saved`` is the config dict that produced a run's history (its checkpoint's
+    ``meta["config"]``). A field absent from ``saved`` (written by an older version
+    that did not know it) counts as that field's default, the behaviour it had then.
+    """
+    ours = config.to_dict()
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                         else f.default) for f in dataclasses.fields(TrainConfig)}
+    differ = []
+    for name in RUN_IDENTITY_FIELDS:
+        old = saved[name] if name in saved else defaults[name]
+        new = ours[name]
+        if _canonical(name, old) != _canonical(name, new):
+            differ.append((name, old, new))
+    return differ

@@ -18,10 +18,12 @@ process, so an experiment that launches many branched runs compiles each phase o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -31,18 +33,21 @@ import numpy as np
 from sam_jax.optim import registry as optim_registry
 from sam_jax.train import parallel
 from sam_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from sam_jax.train.config import Phase, TrainConfig
+from sam_jax.train.config import (RUN_IDENTITY_FIELDS, Phase, TrainConfig,
+                                  identity_differences)
 from sam_jax.train.logging import MetricsLog, Progress, write_config
 from sam_jax.train.schedules import make_schedule
 from sam_jax.train.step import (PERTURBATION_INDEX, TRACE_INDEX, OptimizerSpec, TrainState,
                                 build_optimizer, make_eval_step, make_train_step)
 
-# Fields a resumed run must share with the run that wrote the checkpoint.
-_RESUME_MUST_MATCH = ("dataset", "dataset_kwargs", "model", "model_kwargs", "phases", "rho",
-                      "perturbation_kwargs", "batch_size", "grad_accum", "accum_epsilon",
-                      "steps_per_epoch",
-                      "seed", "lr",
-                      "schedule", "momentum", "weight_decay", "weight_decay_mode")
+# Fields a resumed run must share with the run that wrote the checkpoint: every
+# TrainConfig field except the logistics ones (`config.LOGISTICS_FIELDS`).
+_RESUME_MUST_MATCH = RUN_IDENTITY_FIELDS
+
+
+class CodeVersionWarning(UserWarning):
+    """A run is resumed by another version of sam_jax than the one that wrote its
+    checkpoint (package version or git commit)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,15 +209,82 @@ def _all_finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
-def _check_resume_compatible(meta: dict, config: TrainConfig, directory: str) -> None:
+def _check_resume_compatible(meta: dict, config: TrainConfig, directory: str,
+                             epochs: Optional[list] = None) -> None:
+    """Refuses to resume a run whose checkpoint was written under another identity.
+
+    Compares every identity field (`config.RUN_IDENTITY_FIELDS`) of ``config`` with
+    the config saved in the checkpoint's ``meta``, and raises `CheckpointError`
+    naming each differing field with both values. A code-version change only warns
+    (`CodeVersionWarning`, see `_warn_code_change`).
+    """
     saved = meta.get("config", {})
-    ours = config.to_dict()
-    differ = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != ours[k]]
+    differ = identity_differences(saved, config)
     if differ:
-        detail = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {ours[k]!r}" for k in differ)
+        detail = "; ".join(f"{k} (--{k.replace('_', '-')}): run {old!r}, now {new!r}"
+                           for k, old, new in differ)
+        run_dir = os.path.dirname(os.path.abspath(directory))
+        at = f" (its checkpoint epochs: {epochs})" if epochs else ""
         raise CheckpointError(
-            f"the checkpoints in {directory} belong to a different run ({detail}); "
-            "use a new workdir, or resume=False (--no-resume) after removing them")
+            f"the checkpoints in {directory} belong to a different run: refusing to resume "
+            f"it with a different configuration, which would mix two configurations in "
+            f"one history. Differing fields: {detail}. To train this configuration from "
+            f"scratch, use a new --workdir; to branch from this run, use a new --workdir "
+            f"with --init-from {run_dir} --init-step N{at}. Only logistics may change "
+            f"on resume (workdir, progress, eval_every, checkpoint_every, keep_last, "
+            f"keep_every, lambda_max_every, host_step_kinds)")
+    _warn_code_change(meta, directory)
+
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> Optional[str]:
+    """The git commit of the sam_jax checkout this process imported (None outside
+    a git checkout); read from .git without running git, once per process."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = os.path.join(os.path.dirname(here), ".git")
+    try:
+        with open(os.path.join(git, "HEAD")) as f:
+            head = f.read().strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head.split(None, 1)[1]
+        path = os.path.join(git, ref)
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip() or None
+        with open(os.path.join(git, "packed-refs")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == ref:
+                    return parts[0]
+    except OSError:
+        return None
+    return None
+
+
+def _code_version() -> dict:
+    """What identifies the code: package version and git commit (when a checkout)."""
+    return {"sam_jax_version": _version(), "sam_jax_git_commit": _git_commit()}
+
+
+def _warn_code_change(meta: dict, directory: str) -> None:
+    """Warns when the code differs from the one that wrote the checkpoint.
+
+    A warning, not an error: the version string is bumped rarely and the commit
+    changes with every edit, most of which (docs, other algorithms, tests) leave
+    this run's mathematics alone; refusing would strand every interrupted run
+    after any update, while the config identity, which defines the run, is still
+    enforced. Whether a code change altered the numbers is for the user to judge.
+    """
+    now = _code_version()
+    changed = [f"{key} {meta[key]!r} then, {now[key]!r} now" for key in now
+               if meta.get(key) is not None and now[key] is not None and meta[key] != now[key]]
+    if changed:
+        warnings.warn(
+            f"resuming the run in {directory} with other code than the one that wrote "
+            f"its checkpoint at epoch {meta.get('epoch')}: {'; '.join(changed)}. The "
+            "configuration matches; the epochs before and after this resume may differ "
+            "if the code change altered the computation", CodeVersionWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------- run
@@ -270,7 +342,7 @@ def run(config: TrainConfig) -> RunResult:
                               f"{latest}) and resume=False; use a new workdir")
     if latest is not None:
         meta = ckpt.restore_meta(latest)
-        _check_resume_compatible(meta, config, ckpt.directory)
+        _check_resume_compatible(meta, config, ckpt.directory, ckpt.epochs())
         params, batch_stats = ckpt.restore_variables(latest, params, batch_stats)
         opt_phase = meta["opt_phase"]
         if opt_phase is not None:
@@ -301,10 +373,14 @@ def run(config: TrainConfig) -> RunResult:
     state = TrainState(params, batch_stats, opt_state)
     log = MetricsLog(workdir, keep_before_epoch=start_epoch if start_epoch else None,
                      resumed=latest is not None)
+    # Only a fresh run, or a resume whose identity matched the checkpoint's (checked
+    # above, before anything was written), gets here: config.json always describes
+    # the config that produced the run's history (logistics fields may differ).
     config_path = write_config(workdir, config.to_dict(), {
         "num_classes": num_classes, "input_shape": list(train_ds.input_shape),
         "steps_per_epoch": steps_per_epoch, "total_epochs": total_epochs,
-        "num_devices": shards, "resumed_from": start_epoch})
+        "num_devices": shards, "resumed_from": start_epoch,
+        "sam_jax_git_commit": _git_commit()})
     eval_fn = _eval_step(model, config, mesh, num_classes)
     progress = Progress(total_epochs * steps_per_epoch, start_epoch * steps_per_epoch,
                         config.progress)
@@ -371,7 +447,7 @@ def run(config: TrainConfig) -> RunResult:
                 meta = {"epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch,
                         "opt_phase": opt_phase, "opt_name": phase.name,
                         "grad_evals": grad_evals, "wall_time": record["wall_time"],
-                        "config": config.to_dict(), "sam_jax_version": _version()}
+                        "config": config.to_dict(), **_code_version()}
                 ckpt.save(epoch + 1, state.params, state.batch_stats, state.opt_state, meta)
                 last_saved = epoch + 1
     finally:
