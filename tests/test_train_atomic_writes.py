@@ -218,3 +218,63 @@ def test_missing_records_of_checkpointed_epochs_are_reported(copy, finished):
     assert any("dropped a torn last line" in m for m in messages)
     assert any("lacks the records of epochs [2]" in m for m in messages)
     assert again.history == finished.history[:2]
+
+
+# ------------------------------------------------- checkpoint retention/listing
+def test_retention_leaves_no_deleted_steps_behind(tmp_path):
+    """keep_last=1: epochs 1 and 2 are renamed into checkpoints/_deleted/ and
+    removed from there; only the step directory of epoch 3 remains."""
+    from sam_jax.train.checkpoint import TRASH_SUBDIR, Checkpointer
+
+    run(_config(tmp_path / "r", keep_last=1))
+    ckdir = tmp_path / "r" / "checkpoints"
+    assert sorted(n for n in os.listdir(ckdir) if n != TRASH_SUBDIR) == ["3"]
+    assert os.listdir(ckdir / TRASH_SUBDIR) == []
+    ck = Checkpointer(str(ckdir), read_only=True, keep_last=None)
+    try:
+        assert ck.epochs() == [3] and ck.latest_epoch() == 3
+    finally:
+        ck.close()
+
+
+def test_a_half_deleted_step_is_not_listed(copy):
+    """A step directory half removed in place (what a kill during orbax's in-place
+    deletion left): not listed, and branching from it is a clear CheckpointError
+    that names it, not orbax's KeyError."""
+    from sam_jax.train import CheckpointError, checkpoint_epochs, load_variables
+
+    shutil.rmtree(copy / "checkpoints" / "1" / "meta")
+    assert checkpoint_epochs(str(copy)) == [2, 3]
+    with pytest.raises(CheckpointError, match=r"incomplete step directories skipped: \[1\]"):
+        load_variables(str(copy), epoch=1)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at epoch 1 .*skipped: \[1\]"):
+        run(_config(copy.parent / "branch", phases="sgd:1,sam:2", init_from=str(copy),
+                    init_step=1))
+    assert (copy / "checkpoints" / "1").is_dir()  # never deleted automatically
+
+
+def test_a_step_caught_in_the_trash_is_removed_on_the_next_open(copy, finished):
+    """A kill after retention's rename but before the trash was emptied: the step
+    is already unlisted, and the next run empties the trash."""
+    from sam_jax.train import checkpoint_epochs
+    from sam_jax.train.checkpoint import TRASH_SUBDIR
+
+    trash = copy / "checkpoints" / TRASH_SUBDIR
+    trash.mkdir(exist_ok=True)
+    os.rename(copy / "checkpoints" / "1", trash / "1")
+    shutil.rmtree(trash / "1" / "variables")  # and its removal was cut short
+    assert checkpoint_epochs(str(copy)) == [2, 3]
+    again = run(_config(copy))
+    assert again.resumed_from == 3 and _equal(again.variables, finished.variables)
+    assert os.listdir(trash) == []
+
+
+def test_an_incomplete_newest_step_is_a_clear_error_and_kept(copy):
+    from sam_jax.train import CheckpointError
+
+    os.remove(copy / "checkpoints" / "3" / "_CHECKPOINT_METADATA")
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 is incomplete \(missing "
+                                              r"_CHECKPOINT_METADATA\).*resume from epoch 2"):
+        run(_config(copy))
+    kept = sorted(os.listdir(copy / "checkpoints" / "3"))  # untouched, minus the marker
+    assert kept == ["commit_success.txt", "meta", "opt_state", "variables"]

@@ -13,10 +13,19 @@ SGD→SAM run with ``init_step=t`` loads). Each holds three items:
 
 The data position needs no saving: the order of batches is a pure function of
 (seed, epoch) and the dropout key of (seed, global step).
+
+Retention never deletes a step in place: orbax first renames the step directory
+into ``checkpoints/_deleted/`` (one atomic rename, ``todelete_subdir``) and this
+class empties that folder before the next save and on close, so a kill during a
+deletion leaves either a listed intact step or an unlisted one in the trash. The
+listings (`Checkpointer.epochs`, `latest_epoch`) also skip a step directory that
+lacks any of its completion markers (``_CHECKPOINT_METADATA``, ``commit_success.txt``
+and each item's metadata), e.g. one half deleted in place by an older version.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Iterable, Optional
 
 import logging
@@ -27,6 +36,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINT_SUBDIR = "checkpoints"
+TRASH_SUBDIR = "_deleted"  # retention renames old steps here, then they are removed
+# Files every complete step directory holds (relative to the step directory).
+_STEP_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "meta/metadata",
+                 "variables/_METADATA", "variables/manifest.ocdbt",
+                 "opt_state/_METADATA", "opt_state/manifest.ocdbt")
 
 
 class _DropReadOnlyNotices(logging.Filter):
@@ -93,20 +107,62 @@ class Checkpointer:
             save_interval_steps=0 if read_only else 1,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
+            todelete_subdir=None if read_only else TRASH_SUBDIR,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"variables": ocp.StandardCheckpointHandler(),
                            "opt_state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
+        self._read_only = read_only
+        if not read_only:
+            self._empty_trash()
 
     # ----------------------------------------------------------------- queries
+    def _complete(self, epoch: int) -> bool:
+        step_dir = os.path.join(self.directory, str(epoch))
+        return all(os.path.isfile(os.path.join(step_dir, m)) for m in _STEP_MARKERS)
+
+    def incomplete_epochs(self) -> list[int]:
+        """Step directories orbax lists that lack a completion marker (skipped)."""
+        return sorted(e for e in self._manager.all_steps() if not self._complete(e))
+
     def epochs(self) -> list[int]:
-        """Epochs (completed-epoch counts) with a finished checkpoint, ascending."""
-        return sorted(self._manager.all_steps())
+        """Epochs (completed-epoch counts) with a complete checkpoint, ascending.
+
+        A step directory missing any completion marker (half deleted, or half
+        written outside orbax's atomic commit) is not listed.
+        """
+        return sorted(e for e in self._manager.all_steps() if self._complete(e))
 
     def latest_epoch(self) -> Optional[int]:
-        return self._manager.latest_step()
+        """The newest complete checkpoint's epoch (None: none).
+
+        Raises:
+          CheckpointError: the newest step directory is incomplete (a retention
+            deletion leaves only older ones so): resuming from an older step would
+            collide with it, and it is never deleted automatically.
+        """
+        epochs = self.epochs()
+        latest = epochs[-1] if epochs else None
+        newer = [e for e in self.incomplete_epochs() if latest is None or e > latest]
+        if newer:
+            step_dir = os.path.join(self.directory, str(newer[-1]))
+            missing = [m for m in _STEP_MARKERS if not os.path.isfile(os.path.join(step_dir, m))]
+            raise CheckpointError(
+                f"the newest checkpoint {step_dir} is incomplete (missing {', '.join(missing)}); "
+                f"it is not deleted automatically: move it out of {self.directory} to resume "
+                f"from epoch {latest}" if latest is not None else
+                f"the newest checkpoint {step_dir} is incomplete (missing {', '.join(missing)}) "
+                f"and no complete one exists; it is not deleted automatically")
+        return latest
+
+    def _empty_trash(self) -> None:
+        """Removes the steps retention has moved to ``_deleted/`` (already unlisted)."""
+        trash = os.path.join(self.directory, TRASH_SUBDIR)
+        if os.path.isdir(trash):
+            for name in os.listdir(trash):
+                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
     # -------------------------------------------------------------------- save
     def save(self, epoch: int, params, batch_stats, opt_state, meta: dict) -> None:
@@ -114,6 +170,10 @@ class Checkpointer:
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
+        # The previous save (and the retention renames it triggered) is finished
+        # before the trash is emptied; orbax waits for it anyway before saving.
+        self._manager.wait_until_finished()
+        self._empty_trash()
         self._manager.save(epoch, args=ocp.args.Composite(
             variables=ocp.args.StandardSave(variables),
             opt_state=ocp.args.StandardSave(_leaves_dict(opt_state)),
@@ -126,13 +186,18 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        if not self._read_only:
+            self._empty_trash()
 
     # ----------------------------------------------------------------- restore
     def _require(self, epoch: int) -> None:
         if epoch not in self.epochs():
+            incomplete = self.incomplete_epochs()
+            note = (f"; incomplete step directories skipped: {incomplete}"
+                    if incomplete else "")
             raise CheckpointError(
                 f"no checkpoint at epoch {epoch} in {self.directory} "
-                f"(available epochs: {self.epochs() or 'none'})")
+                f"(available epochs: {self.epochs() or 'none'}{note})")
 
     def restore_meta(self, epoch: int) -> dict:
         self._require(epoch)
