@@ -190,3 +190,42 @@ def test_identity_differences_by_hand(tmp_path):
                                                    init_step=1)) == []
     finally:
         os.chdir(here)
+
+
+def test_the_number_of_devices_used_is_identity():
+    config = TrainConfig()  # num_devices=None: all devices, so the count is recorded
+    meta = {"config": config.to_dict(), "num_shards": 4}
+    with pytest.raises(CheckpointError, match=r"devices used .*: run 4, now 1"):
+        loop._check_resume_compatible(meta, config, "somewhere", [1], num_shards=1)
+    loop._check_resume_compatible(meta, config, "somewhere", [1], num_shards=4)
+    # a checkpoint from before the count was recorded is not refused for it
+    loop._check_resume_compatible({"config": config.to_dict()}, config, "somewhere", [1], 1)
+
+
+def test_the_checkpoint_records_devices_and_code(finished):
+    from sam_jax.train.checkpoint import Checkpointer, checkpoint_dir
+    ckpt = Checkpointer(checkpoint_dir(finished.workdir), read_only=True, keep_last=None)
+    try:
+        meta = ckpt.restore_meta(3)
+    finally:
+        ckpt.close()
+    assert meta["num_shards"] == len(jax.devices())
+    assert meta["sam_jax_version"] == loop._code_version()["sam_jax_version"]
+    assert meta["sam_jax_git_commit"] == loop._code_version()["sam_jax_git_commit"]
+
+
+def test_the_cli_refuses_with_the_field_names(killed_copy, capsys):
+    from sam_jax.train import cli
+
+    argv = ["--workdir", str(killed_copy), "--dataset", "mnist1d", "--model", "mlp",
+            "--model-kwargs", '{"width": 8, "depth": 1}', "--phases", "sgd:2,sam:1",
+            "--batch-size", "32", "--steps-per-epoch", "2", "--lr", "0.05",
+            "--keep-last", "none", "--no-progress"]
+    config_json = (killed_copy / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv + ["--clip-norm", "0.01", "--label-smoothing", "0.1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "label_smoothing (--label-smoothing): run 0.0, now 0.1" in err
+    assert "clip_norm (--clip-norm): run None, now 0.01" in err
+    assert (killed_copy / "config.json").read_bytes() == config_json

@@ -210,19 +210,26 @@ def _all_finite(tree) -> bool:
 
 
 def _check_resume_compatible(meta: dict, config: TrainConfig, directory: str,
-                             epochs: Optional[list] = None) -> None:
+                             epochs: Optional[list] = None,
+                             num_shards: Optional[int] = None) -> None:
     """Refuses to resume a run whose checkpoint was written under another identity.
 
     Compares every identity field (`config.RUN_IDENTITY_FIELDS`) of ``config`` with
-    the config saved in the checkpoint's ``meta``, and raises `CheckpointError`
-    naming each differing field with both values. A code-version change only warns
-    (`CodeVersionWarning`, see `_warn_code_change`).
+    the config saved in the checkpoint's ``meta``, and the number of devices the run
+    used (``num_devices=None`` means all, so the field alone does not pin it: the
+    dropout keys and a per-device perturbation depend on it) with ``num_shards``,
+    and raises `CheckpointError` naming each difference with both values. A
+    code-version change only warns (`CodeVersionWarning`, see `_warn_code_change`).
     """
     saved = meta.get("config", {})
-    differ = identity_differences(saved, config)
+    differ = [(f"{k} (--{k.replace('_', '-')})", old, new)
+              for k, old, new in identity_differences(saved, config)]
+    if (num_shards is not None and meta.get("num_shards") is not None
+            and meta["num_shards"] != num_shards):
+        differ.append(("devices used (--num-devices, --cpu-devices)", meta["num_shards"],
+                       num_shards))
     if differ:
-        detail = "; ".join(f"{k} (--{k.replace('_', '-')}): run {old!r}, now {new!r}"
-                           for k, old, new in differ)
+        detail = "; ".join(f"{k}: run {old!r}, now {new!r}" for k, old, new in differ)
         run_dir = os.path.dirname(os.path.abspath(directory))
         at = f" (its checkpoint epochs: {epochs})" if epochs else ""
         raise CheckpointError(
@@ -342,7 +349,7 @@ def run(config: TrainConfig) -> RunResult:
                               f"{latest}) and resume=False; use a new workdir")
     if latest is not None:
         meta = ckpt.restore_meta(latest)
-        _check_resume_compatible(meta, config, ckpt.directory, ckpt.epochs())
+        _check_resume_compatible(meta, config, ckpt.directory, ckpt.epochs(), shards)
         params, batch_stats = ckpt.restore_variables(latest, params, batch_stats)
         opt_phase = meta["opt_phase"]
         if opt_phase is not None:
@@ -447,7 +454,8 @@ def run(config: TrainConfig) -> RunResult:
                 meta = {"epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch,
                         "opt_phase": opt_phase, "opt_name": phase.name,
                         "grad_evals": grad_evals, "wall_time": record["wall_time"],
-                        "config": config.to_dict(), **_code_version()}
+                        "config": config.to_dict(), "num_shards": shards,
+                        **_code_version()}
                 ckpt.save(epoch + 1, state.params, state.batch_stats, state.opt_state, meta)
                 last_saved = epoch + 1
     finally:
