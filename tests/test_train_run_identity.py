@@ -107,7 +107,9 @@ def test_nesterov_and_warmup_on_a_killed_run_are_refused(killed_copy):
 
 
 def test_label_smoothing_on_a_finished_run_is_refused(finished_copy):
-    _refused(finished_copy, dict(label_smoothing=0.1), [("label_smoothing", "0.0", "0.1")])
+    # with a retention change too: a refused run deletes no checkpoint
+    _refused(finished_copy, dict(label_smoothing=0.1, keep_last=1),
+             [("label_smoothing", "0.0", "0.1")])
 
 
 def test_init_from_on_an_existing_workdir_is_refused(finished, finished_copy, tmp_path):
