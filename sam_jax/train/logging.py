@@ -116,8 +116,9 @@ def read_metrics(workdir: str) -> list[dict]:
                                  "file was edited or corrupted (only a torn last line is "
                                  "repaired automatically)") from err
             warnings.warn(f"{path}, line {n}: dropped a torn last line (a record cut short "
-                          f"by an interrupted write: {line.strip()[:60]!r}...); a resumed run "
-                          "writes that epoch again", RuntimeWarning, stacklevel=2)
+                          f"by an interrupted write: {line.strip()[:60]!r}...); a run resuming from "
+                          "a checkpoint before that epoch writes it again", RuntimeWarning,
+                          stacklevel=2)
             break
         records.append(record)
     return records
