@@ -432,13 +432,10 @@ def _matrix_table(r: dict, key: str, cfg: PhaseConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = common.build_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
+    args = common.parse_args(__doc__.splitlines()[0], argv)
     cfg = SCALE_PRESETS[args.scale]
     seeds = tuple(args.seeds) if args.seeds else cfg.seeds
     workdir = common.prepare_workdir(args.workdir)
-    if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
     with common.Timer() as timer:
         runs = run_grids(cfg, seeds)
         results = analyse(cfg, runs)
@@ -472,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(common.format_table(["claim", "criterion / measured", "holds"],
                               [(c, k, "yes" if h else "no") for c, k, h in claims]))
     if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+        print(common.SMOKE_NOTICE)
     print(f"wall time {timer.seconds:.0f} s; results in {workdir / common.RESULTS_FILE}")
     return results
 

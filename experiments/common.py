@@ -46,6 +46,24 @@ def build_parser(description: str, default_scale: str = "cpu") -> argparse.Argum
     return parser
 
 
+SMOKE_NOTICE = "tiny scale: smoke test, numbers are not results"
+
+
+def parse_args(description: str, argv=None, parser: argparse.ArgumentParser | None = None):
+    """Parse an experiment's command line; at ``--scale tiny`` say it is a smoke test.
+
+    Args:
+      description: the module's one-line description (``build_parser``'s).
+      argv: the arguments (None: ``sys.argv``).
+      parser: a parser from ``build_parser`` with the module's own extra flags.
+    """
+    parser = parser if parser is not None else build_parser(description)
+    args = parser.parse_args(argv)
+    if args.scale == "tiny":
+        print(SMOKE_NOTICE)
+    return args
+
+
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
     """Create the run directory (and parents) and return it as a ``Path``.
 

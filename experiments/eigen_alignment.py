@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = run_experiment(args.scale, args.workdir, args.seeds)
     if results["smoke_test"]:
-        print("tiny scale: smoke test, numbers are not results")
+        print(common.SMOKE_NOTICE)
     print(results["table"])
     for key, res in results["settings"].items():
         p = res["summary"]["paired"]

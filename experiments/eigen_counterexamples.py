@@ -553,10 +553,7 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = common.build_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+    args = common.parse_args(__doc__.splitlines()[0], argv)
     results = run_experiment(args.scale, args.workdir, args.seeds)
     print(results["table"])
     for line in verdict_lines(results["claim"]):
@@ -564,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"SAM's effect is not only gradient-norm regularization at some ρ: "
           f"{'yes' if results['claim']['not_only_gradient_norm_any_rho'] else 'no'}")
     if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+        print(common.SMOKE_NOTICE)
     print(f"wall time {results['wall_time_s']:.0f} s; results in {args.workdir}/results.json")
     return results
 

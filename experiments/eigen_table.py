@@ -640,10 +640,7 @@ def verdict_lines(results: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = common.build_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+    args = common.parse_args(__doc__.splitlines()[0], argv)
     results = run_experiment(args.scale, args.workdir, args.seeds)
     print(results["table"])
     print()
@@ -658,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for line in verdict_lines(results):
         print(line)
     if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+        print(common.SMOKE_NOTICE)
     print(f"wall time {results['wall_time_s']:.0f} s; results in {args.workdir}/results.json")
     return results
 

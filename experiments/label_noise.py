@@ -672,10 +672,7 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = common.build_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+    args = common.parse_args(__doc__.splitlines()[0], argv)
     results = run_experiment(args.scale, args.workdir, args.seeds)
     print(results["table"])
     yes = lambda b: "yes" if b else "no"
@@ -700,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"  (reported) late SAM memorizes fewer flipped labels than SGD (paired 95 % CI "
               f"of SGD→SAM − SGD memorized < 0): {late_memo}")
     if args.scale == "tiny":
-        print("\ntiny scale: smoke test, numbers are not results")
+        print("\n" + common.SMOKE_NOTICE)
     print(f"\n{results['runs_reused']} of {results['runs_total']} runs reused; wall time "
           f"{results['wall_time_s']:.0f} s; results in {args.workdir}/results.json; figures "
           + ", ".join(results["figures"]))

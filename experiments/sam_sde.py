@@ -678,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides.update(rhos=tuple(args.rhos), figure_rho=args.rhos[-1])
     results = run_experiment(args.scale, args.workdir, args.seeds, overrides)
     if args.scale == "tiny":
-        print("tiny scale: smoke test, numbers are not results")
+        print(common.SMOKE_NOTICE)
     for rho_key, verdict in results["claim"].items():
         rho = float(rho_key)
         print(f"\nρ = {rho:g}: end of training ({results['steps'][-1]} steps), gap to discrete SAM "
