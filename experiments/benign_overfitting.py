@@ -100,8 +100,11 @@ class PhaseConfig:
     n_test: int = 1000
 
     def tau(self, dim) -> np.ndarray:
-        return self.tau_const * self.width * np.sqrt(self.batch_size) / (
-            self.num_patches * self.noise_std * np.sqrt(np.asarray(dim, np.float64)))
+        from sam_jax.train.grid import sam_radius
+
+        return sam_radius(dim, tau_const=self.tau_const, width=self.width,
+                          batch_size=self.batch_size, num_patches=self.num_patches,
+                          noise_std=self.noise_std)
 
     def theory_coordinate(self, n, dim, signal_norm) -> np.ndarray:
         """s = n ||mu||^4 / (d P^4 sigma_p^4): the SGD boundary is s = C."""

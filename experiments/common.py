@@ -49,6 +49,18 @@ def build_parser(description: str, default_scale: str = "cpu") -> argparse.Argum
 SMOKE_NOTICE = "tiny scale: smoke test, numbers are not results"
 
 
+def smoke_tag(scale: str) -> str:
+    """``" — tiny scale: smoke test, ..."`` for figure titles at ``tiny`` scale, else ``""``."""
+    return f" — {SMOKE_NOTICE}" if scale == "tiny" else ""
+
+
+def print_footer(scale: str, wall_time_s: float, workdir) -> None:
+    """The last lines every experiment prints: the smoke-test notice and where results went."""
+    if scale == "tiny":
+        print(SMOKE_NOTICE)
+    print(f"wall time {wall_time_s:.0f} s; results in {Path(workdir) / RESULTS_FILE}")
+
+
 def parse_args(description: str, argv=None, parser: argparse.ArgumentParser | None = None):
     """Parse an experiment's command line; at ``--scale tiny`` say it is a smoke test.
 

@@ -106,15 +106,15 @@ def anti_egr(rho=0.05, *, mode: str = "hvp", **kwargs):
     return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-anti_egr.gradient_evals_per_step = (  # type: ignore[attr-defined]
-    lambda mode="hvp", **_: 3.0 if mode == "hvp" else 2.0)
-
-
 def register_anti_egr() -> None:
-    """Make ``anti_egr`` a perturbation name the engine accepts (idempotent)."""
-    from sam_jax import optim
+    """Make ``anti_egr`` a perturbation name the engine accepts (idempotent).
 
-    optim.PERTURBATIONS.setdefault("anti_egr", anti_egr)
+    Its declaration is EGR's (same cost, options and logged fields) under its own name.
+    """
+    from sam_jax.optim import registry
+    from sam_jax.optim.egr import ALGORITHM as EGR
+
+    registry.register(EGR._replace(name="anti_egr", factory=anti_egr, title="anti-EGR"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,7 +508,7 @@ def plot(cfg: CounterConfig, per_run: dict, seeds: Sequence[int], path, scale: s
     ax.set_xticks(group_centres, group_labels)
     ax.set_ylabel("final λ_max (Lanczos, train set; log scale)")
     ax.set_title("λ_max at the end (colours as in the legend)\nbar: mean, 95 % CI; dots: seeds")
-    tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
+    tiny = common.smoke_tag(scale)
     fig.suptitle(f"SAM vs Reverse-SAM vs EGR (and anti-EGR): {cfg.dataset}, {cfg.model}, seeds "
                  f"{', '.join(map(str, seeds))}{tiny}\n{common.BAND_CAPTION}; "
                  f"EGR / anti-EGR = g ± ρHĝ ({cfg.egr_mode}); λ_max: first "
@@ -560,9 +560,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(line)
     print(f"SAM's effect is not only gradient-norm regularization at some ρ: "
           f"{'yes' if results['claim']['not_only_gradient_norm_any_rho'] else 'no'}")
-    if args.scale == "tiny":
-        print(common.SMOKE_NOTICE)
-    print(f"wall time {results['wall_time_s']:.0f} s; results in {args.workdir}/results.json")
+    common.print_footer(args.scale, results["wall_time_s"], args.workdir)
     return results
 
 

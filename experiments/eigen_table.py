@@ -521,7 +521,7 @@ def plot_table(rows: list[dict], runs: dict, seeds: Sequence[int], path, scale: 
             ax.set_ylabel("test accuracy (%)")
     for j in range(n, nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")
-    tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
+    tiny = common.smoke_tag(scale)
     fig.suptitle(f"SGD / SAM / Eigen-SAM test accuracy, seeds {', '.join(map(str, seeds))}"
                  f"{tiny}\ndots: seeds (grey lines join a seed); diamond: mean ± 95 % "
                  "t-interval; ρ*, α* chosen on the 10 % validation split", fontsize=9)
@@ -558,7 +558,7 @@ def plot_alpha(cfg: TableConfig, rows: list[dict], runs: dict, seeds: Sequence[i
     axes[0][0].legend(frameon=False, fontsize=7)
     for j in range(n, nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")
-    tiny = " — tiny scale: smoke test, numbers are not results" if scale == "tiny" else ""
+    tiny = common.smoke_tag(scale)
     fig.suptitle(f"Eigen-SAM α selection at SAM's ρ* (dotted: α*), seeds "
                  f"{', '.join(map(str, seeds))}{tiny}\n{common.BAND_CAPTION}; validation labels "
                  "carry the training split's label noise, test labels are clean", fontsize=9)
@@ -631,8 +631,9 @@ def verdict_lines(results: dict) -> list[str]:
         f"({c['sam_better_than_sgd_rows']}/{c['rows']})",
         f"runs collapsed to a constant predictor (train acc < 2/classes; kept in the table): "
         f"Eigen-SAM(ρ*, α*) {c['eigen_collapsed_runs']}, SAM(ρ*) {c['sam_collapsed_runs']}",
-        f"Eigen-SAM's gradient evaluations / SAM's = 1 + power_iters × refreshes per epoch / "
-        f"steps per epoch, as the per-epoch schedule predicts: "
+        f"Eigen-SAM's declared gradient evaluations / SAM's (the engine counts each step at "
+        f"its algorithm's declared cost; not instrumented) = 1 + power_iters × refreshes per "
+        f"epoch / steps per epoch: "
         f"{yes(c['grad_evals_ratio_matches_schedule'])} (here up to {c['max_grad_evals_ratio']:.3f}; "
         f"at the paper's 195 steps per epoch {c['grad_evals_ratio_at_paper_schedule']:.3f})",
     ]
@@ -654,9 +655,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{s['power_iters']} power iterations each)")
     for line in verdict_lines(results):
         print(line)
-    if args.scale == "tiny":
-        print(common.SMOKE_NOTICE)
-    print(f"wall time {results['wall_time_s']:.0f} s; results in {args.workdir}/results.json")
+    common.print_footer(args.scale, results["wall_time_s"], args.workdir)
     return results
 
 

@@ -86,8 +86,11 @@ class MechanismConfig:
 
     @property
     def tau(self) -> float:
-        return float(self.tau_const * self.width * np.sqrt(self.batch_size)
-                     / (self.num_patches * self.noise_std * np.sqrt(self.dim)))
+        from sam_jax.train.grid import sam_radius
+
+        return float(sam_radius(self.dim, tau_const=self.tau_const, width=self.width,
+                                batch_size=self.batch_size, num_patches=self.num_patches,
+                                noise_std=self.noise_std))
 
 
 SCALE_PRESETS = {

@@ -229,6 +229,7 @@ class Problem:
         import jax.numpy as jnp
 
         from sam_jax.curvature.third_order import hvp_and_third
+        from sam_jax.optim._core import hessian_vector_product
 
         cfg, n, B = self.cfg, self.n, self.cfg.batch_size
         x, y = self.x, self.y
@@ -252,6 +253,8 @@ class Problem:
             grad_fn = lambda p: grad_on(p, xb, yb)
             g = grad_fn(w)
             g_hat = g / (jnp.linalg.norm(g) + 1e-12)
+            if isinstance(third, (int, float)) and third == 0:  # static: the 2nd-order SDE
+                return rho * hessian_vector_product(grad_fn, w, g_hat)  # needs no ∇³L
             hv, t3 = hvp_and_third(grad_fn, w, g_hat)
             return rho * hv + third * 0.5 * rho**2 * t3
 
@@ -281,18 +284,22 @@ class Problem:
         def vm(fn, n_hyper):
             return jax.jit(jax.vmap(fn, in_axes=(0, 0, None) + (None,) * n_hyper))
 
-        def sam_chunk(w, traj_key, start, rho):
-            def body(w, i):
-                return sam_step(w, jax.random.fold_in(traj_key, start + i), rho), None
-            return jax.lax.scan(body, w, jnp.arange(cfg.measure_every))[0]
+        def sgd_step(w, key, rho):
+            """SAM at ρ = 0 with one gradient: the same batch, w + 0·ĝ = w exactly."""
+            del rho
+            idx = batch_indices(jax.random.fold_in(key, 0))
+            return w - cfg.lr * grad_on(w, x[idx], y[idx])
 
-        def sde_chunk(w, traj_key, start, rho, third):
-            def body(w, i):
-                return sde_step(w, jax.random.fold_in(traj_key, start + i), rho, third), None
-            return jax.lax.scan(body, w, jnp.arange(cfg.measure_every))[0]
+        def chunk(step, **static):
+            def run_chunk(w, traj_key, start, rho):
+                def body(w, i):
+                    return step(w, jax.random.fold_in(traj_key, start + i), rho, **static), None
+                return jax.lax.scan(body, w, jnp.arange(cfg.measure_every))[0]
+            return vm(run_chunk, 1)
 
-        self.sam_chunk = vm(sam_chunk, 1)
-        self.sde_chunk = vm(sde_chunk, 2)
+        # One compiled chunk per method: SGD takes one gradient, the 2nd-order SDE no ∇³L.
+        self.chunks = {"sgd": chunk(sgd_step), "sam": chunk(sam_step),
+                       "sde2": chunk(sde_step, third=0.0), "sde3": chunk(sde_step, third=1.0)}
         start = jax.random.normal(jax.random.PRNGKey(12345), (self.dim,), jnp.float32)
         self.lanczos_start = start / jnp.linalg.norm(start)
         self.measure = jax.jit(jax.vmap(self._measure, in_axes=(0, None)))
@@ -300,7 +307,9 @@ class Problem:
     def hvp_full(self, w, v):
         import jax
 
-        return jax.jvp(lambda p: jax.grad(self.loss)(p, self.x, self.y), (w,), (v,))[1]
+        from sam_jax.optim._core import hessian_vector_product
+
+        return hessian_vector_product(lambda p: jax.grad(self.loss)(p, self.x, self.y), w, v)
 
     def _measure(self, w, rho):
         """The six metrics and two diagnostics of one parameter vector."""
@@ -341,11 +350,7 @@ class Problem:
         records = [jax.device_get(self.measure(w, rho))]
         for c in range(cfg.steps // cfg.measure_every):
             start = c * cfg.measure_every
-            if method in ("sam", "sgd"):
-                w = self.sam_chunk(w, keys, start, jnp.float32(rho_run))
-            else:
-                third = 1.0 if method == "sde3" else 0.0
-                w = self.sde_chunk(w, keys, start, jnp.float32(rho_run), jnp.float32(third))
+            w = self.chunks[method](w, keys, start, jnp.float32(rho_run))
             records.append(jax.device_get(self.measure(w, rho)))
         return {k: np.stack([r[k] for r in records], axis=1).astype(np.float64)
                 for k in records[0]}
@@ -509,7 +514,7 @@ def plot(cfg: SDEConfig, steps: np.ndarray, trajectories: dict, rho: float, path
     for ax in axes[1]:
         ax.set_xlabel(f"step k (SDE time t = η k, η = {cfg.lr:g})")
     axes[0, 0].legend(loc="upper right")
-    tag = " — tiny scale: smoke test" if scale == "tiny" else ""
+    tag = common.smoke_tag(scale)
     fig.suptitle(f"Discrete SAM vs its SDEs: MLP ({cfg.depth}×{cfg.width}, {dim} params) on "
                  f"{dataset_name}, ρ = {rho:g}, B = {cfg.batch_size}, "
                  f"{len(cfg.seeds)} trajectories (seeds {min(cfg.seeds)}–{max(cfg.seeds)}){tag}\n"
@@ -553,7 +558,7 @@ def plot_summary(cfg: SDEConfig, per_rho: dict, path: Path, dataset_name: str, s
     for ax in axes:
         ax.set_xlabel("SAM radius ρ (log scale)")
     ax.legend()
-    tag = " — tiny scale: smoke test" if scale == "tiny" else ""
+    tag = common.smoke_tag(scale)
     fig.suptitle(f"Across ρ: MLP ({cfg.depth}×{cfg.width}) on {dataset_name}, "
                  f"{len(cfg.seeds)} trajectories{tag}; error bars = 95 % t-interval over "
                  f"trajectories (right: time mean along discrete SAM)", fontsize=9)

@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+
+from sam_jax.optim import _core
 
 PyTree = Any
 
@@ -39,7 +40,7 @@ def hvp_and_third(grad_fn: Callable[[PyTree], PyTree], params: PyTree, vector: P
     """
 
     def hvp_at(p):
-        return jax.jvp(grad_fn, (p,), (vector,))[1]
+        return _core.hessian_vector_product(grad_fn, p, vector)
 
     return jax.jvp(hvp_at, (params,), (vector,))
 
@@ -73,7 +74,7 @@ def taylor_perturbed_gradient(grad_fn: Callable[[PyTree], PyTree], params: PyTre
     if order == 1:
         return grad
     if order == 2:
-        hv = jax.jvp(grad_fn, (params,), (direction,))[1]
+        hv = _core.hessian_vector_product(grad_fn, params, direction)
         return jax.tree.map(lambda g, h: g + rho * h, grad, hv)
     hv, third = hvp_and_third(grad_fn, params, direction)
     return jax.tree.map(lambda g, h, t: g + rho * h + 0.5 * rho**2 * t, grad, hv, third)
@@ -81,5 +82,4 @@ def taylor_perturbed_gradient(grad_fn: Callable[[PyTree], PyTree], params: PyTre
 
 def normalized(tree: PyTree, eps: float = 1e-12) -> PyTree:
     """``tree / (‖tree‖ + eps)`` (global L2 norm; a zero tree stays zero, no NaN)."""
-    norm = jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
-    return jax.tree.map(lambda x: x / (norm + eps), tree)
+    return _core.normalized(tree, eps)[0]

@@ -20,15 +20,10 @@ from sam_jax.optim import _core
 from sam_jax.optim._core import Algorithm
 from sam_jax.optim.asam import ALGORITHM as _ASAM
 from sam_jax.optim.egr import ALGORITHM as _EGR
-from sam_jax.optim.egr import EGRState
 from sam_jax.optim.eigen_sam import ALGORITHM as _EIGEN_SAM
-from sam_jax.optim.eigen_sam import EigenSAMState
 from sam_jax.optim.gsam import ALGORITHM as _GSAM
-from sam_jax.optim.gsam import GSAMState
 from sam_jax.optim.identity import ALGORITHM as _SGD
-from sam_jax.optim.identity import identity as _identity  # backward-compatible name
 from sam_jax.optim.looksam import ALGORITHM as _LOOKSAM
-from sam_jax.optim.looksam import LookSAMState
 from sam_jax.optim.reverse_sam import ALGORITHM as _REVERSE_SAM
 from sam_jax.optim.sam import ALGORITHM as _SAM
 from sam_jax.optim.usam import ALGORITHM as _USAM
@@ -42,11 +37,6 @@ ALGORITHMS: dict[str, Algorithm] = {
 PERTURBATIONS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
     name: declared.factory for name, declared in ALGORITHMS.items()
 }
-
-# The state types of the built-in members (kept for callers; `perturbation_stats`
-# finds any family state by its fields, see `_core.is_family_state`).
-STATE_TYPES = (_core.PerturbationState, EigenSAMState, EGRState, GSAMState, LookSAMState)
-
 
 def register(algorithm: Algorithm) -> None:
     """Make ``algorithm`` available by its name (replaces one of the same name)."""
@@ -140,16 +130,6 @@ def step_picker(name: str, **kwargs) -> Callable[[int], bool] | None:
 def step_kind_arg(name: str) -> str | None:
     """The ``update`` keyword that takes the kind picked by :func:`step_picker`."""
     return algorithm(name).step_kind_arg
-
-
-def logged_fields(name: str) -> tuple:
-    """State fields ``name`` logs beyond ``grad_norm``, ``perturbation_norm``, ``count``."""
-    return tuple(algorithm(name).logged_fields)
-
-
-def update_inputs(name: str) -> tuple:
-    """Names from ``_core.ENGINE_INPUTS`` that ``name``'s ``update`` accepts."""
-    return tuple(algorithm(name).update_inputs)
 
 
 # Keywords every member takes that are not a user's phase option (the engine sets

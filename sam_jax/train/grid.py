@@ -164,6 +164,17 @@ class GridSpec:
         return PatchCNN(num_classes=2, width=self.width, sigma0=self.sigma0)
 
 
+def sam_radius(dim, *, tau_const: float, width: int, batch_size: int, num_patches: int,
+               noise_std: float):
+    """SAM radius ``tau = c m sqrt(B) / (P sigma_p sqrt(d))`` of Chen et al.
+
+    The scaling is recalled (papers.md §3), the constant ``c = tau_const`` is a choice;
+    ``dim`` may be an array (one tau per dimension).
+    """
+    return tau_const * width * np.sqrt(batch_size) / (
+        num_patches * noise_std * np.sqrt(np.asarray(dim, np.float64)))
+
+
 class Cells(NamedTuple):
     """Per-cell values, each an array of shape (C,) (traced inside the compiled grid)."""
 
