@@ -46,18 +46,33 @@ def random_flip(images: np.ndarray, rng: np.random.Generator, probability: float
     return out
 
 
-def cutout(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def cutout(images: np.ndarray, size: int, rng: np.random.Generator,
+           probability: float = 1.0) -> np.ndarray:
     """Zero a ``size`` x ``size`` square per image (DeVries & Taylor 2017).
 
     The centre is uniform over the image and the square is clipped at the
     border, as in the reference implementation (16 px for CIFAR WRNs).
+
+    Args:
+      images: (N, H, W, C).
+      size: side of the square (0 = off).
+      rng: numpy Generator. Draws, in this order: the centres ``cy``, ``cx``
+        (``integers``, N each), then, only when ``probability < 1``, ``rng.random(N)``;
+        image i is cut iff its draw is ``< probability``.
+      probability: chance that an image is cut (1: every image, DeVries & Taylor;
+        0.5 in the late-phase SAM code, papers.md §2 [code]).
     """
     _check_images(images)
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"cutout probability must be in [0, 1], got {probability}")
     if size <= 0:
         return images
     n, h, w, _ = images.shape
     cy = rng.integers(0, h, size=n)
     cx = rng.integers(0, w, size=n)
+    if probability < 1.0:
+        skip = rng.random(n) >= probability
+        cy = np.where(skip, -10 * (h + w + size), cy)  # a square entirely off the image
     half = size // 2
     ys = np.arange(h)[None, :]
     xs = np.arange(w)[None, :]
@@ -113,19 +128,26 @@ class Augmentation:
       crop_padding: zero padding for random crops (4 for CIFAR/SVHN; 0 = off).
       flip: random horizontal flips (on for CIFAR, off for digits).
       cutout: Cutout square size in pixels (16 for WRN in the late-phase SAM code; 0 = off).
+      cutout_prob: probability that an image gets its Cutout square. 1.0 (default
+        here) is DeVries & Taylor's Cutout; the late-phase SAM code applies it with
+        probability 0.5 (papers.md §2 [code]), which ``sam_jax.data.tfds`` uses as
+        its default for the CIFAR-style datasets.
     """
 
     crop_padding: int = 0
     flip: bool = False
     cutout: int = 0
+    cutout_prob: float = 1.0
 
     def __post_init__(self):
         if self.crop_padding < 0 or self.cutout < 0:
             raise ValueError(f"crop_padding and cutout must be >= 0, got {self}")
+        if not 0.0 <= self.cutout_prob <= 1.0:
+            raise ValueError(f"cutout_prob must be in [0, 1], got {self.cutout_prob}")
 
     @property
     def is_identity(self) -> bool:
-        return self.crop_padding == 0 and not self.flip and self.cutout == 0
+        return self.crop_padding == 0 and not self.flip and (self.cutout == 0 or self.cutout_prob == 0)
 
     def geometric(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Crop and flip (applied to raw images, before normalization)."""
@@ -137,7 +159,7 @@ class Augmentation:
 
     def erase(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Cutout (applied to normalized images)."""
-        return cutout(images, self.cutout, rng) if self.cutout else images
+        return cutout(images, self.cutout, rng, self.cutout_prob) if self.cutout else images
 
 
 def flip_labels(

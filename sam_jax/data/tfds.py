@@ -124,6 +124,7 @@ def load(
     crop_padding: int | None = None,
     flip: bool | None = None,
     cutout: int = 0,
+    cutout_prob: float = 0.5,
     normalize: bool | tuple = True,
     max_examples: int | None = None,
 ) -> Dataset:
@@ -136,6 +137,8 @@ def load(
       crop_padding, flip: override the dataset's default augmentation (``SPECS``).
       cutout: Cutout size in pixels (0 = off; 16 for CIFAR WRNs in the
         late-phase SAM code).
+      cutout_prob: probability that an image is cut; default 0.5, the late-phase
+        SAM code's (papers.md §2 [code]); 1.0 is DeVries & Taylor's Cutout.
       normalize: True uses the dataset's mean/std, False none, or a
         ``(mean, std)`` pair.
       max_examples: read only the first n examples (quick experiments).
@@ -171,6 +174,7 @@ def load(
         crop_padding=default.crop_padding if crop_padding is None else crop_padding,
         flip=default.flip if flip is None else flip,
         cutout=cutout,
+        cutout_prob=cutout_prob,
     )
     return Dataset(name, split, images, labels, spec.num_classes, normalization=normalization,
                    augmentation=augmentation, info={"tfds_name": spec.tfds_name, "data_dir": str(builder.data_dir)})

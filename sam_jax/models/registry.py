@@ -21,6 +21,9 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn": WideResNet,
     "wrn16_8": lambda num_classes, **kw: WideResNet(num_classes, depth=16, widen_factor=8, **kw),
     "wrn28_10": lambda num_classes, **kw: WideResNet(num_classes, depth=28, widen_factor=10, **kw),
+    # The SAM / late-phase SAM papers' "WRN-16-8": davda54/sam's layout (17.16 M parameters).
+    "wrn16_8_davda54": lambda num_classes, **kw: WideResNet(
+        num_classes, depth=16, widen_factor=8, layout="davda54", **kw),
     "patch_cnn": PatchCNN,
 }
 
@@ -35,7 +38,9 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
     Args:
       name: one of ``model_names()``: mlp, cnn6, cnn1d, resnet18, resnet50,
-        wrn16_8, wrn28_10, wrn (takes ``depth`` and ``widen_factor``), patch_cnn.
+        wrn16_8, wrn28_10 (Zagoruyko & Komodakis' layout), wrn16_8_davda54 (the SAM
+        papers' WRN-16-8: davda54/sam's layout, 17.16 M parameters), wrn (takes
+        ``depth``, ``widen_factor`` and ``layout``), patch_cnn.
       num_classes: number of output logits.
       **kwargs: module attributes, e.g. ``width`` (every model has one, so tests
         can build tiny versions), ``use_bn`` (cnn6), ``dropout_rate`` (wrn).
