@@ -10,6 +10,18 @@ Batches come from the host: a list (or tuple) of batches, or a callable returnin
 fresh iterator, re-iterated at every matrix-vector product, so the data need not fit
 on the device. Each batch goes through one jitted per-batch HVP (compiled once per
 batch shape: an unequal last batch costs one extra compilation).
+
+Data parallelism (``mesh=``): every batch is split over the devices of a mesh axis
+and the per-batch HVP runs as one ``jax.jit`` program on global arrays (batch sharded
+on the axis, parameters and vector replicated; XLA sums the per-device shares with
+an all-reduce). Because the program is the *same function of the whole batch*, the
+product equals the single-device one up to float summation order — including
+BatchNorm in ``"batch"`` mode, whose statistics are computed over the whole batch
+(synchronized across devices), not per device. A batch whose size the device count
+does not divide is padded with masked examples (``batch["mask"] = 0``, which
+contribute zero to ``(loss_sum, count)``; the count is checked), except under
+BatchNorm ``"batch"`` mode, where padded examples would enter the batch statistics:
+such a batch runs whole on every device (exact, not parallel). See docs/curvature.md.
 """
 from __future__ import annotations
 
@@ -20,12 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_jax.curvature.hvp import LossFn, PyTree, batch_hvp, cached_per_function
 
 Batches = Union[list, tuple, Callable[[], Iterable[Any]], dict]
 
 REDUCTIONS = ("sum", "mean")
+UNEVEN_MODES = ("auto", "pad", "replicate", "error")
+DATA_AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +56,7 @@ class OperatorSettings:
       num_examples: total count over the batches (known after the first product).
       num_batches: number of batches per product (known after the first product).
       dim: number of parameters.
+      num_devices: devices each batch is split over (1: single device).
     """
 
     reduction: str
@@ -50,6 +66,7 @@ class OperatorSettings:
     num_examples: float | None
     num_batches: int | None
     dim: int
+    num_devices: int = 1
 
 
 class LinearOperator:
@@ -127,6 +144,52 @@ def _batch_source(batches: Batches) -> Callable[[], Iterator[Any]]:
     )
 
 
+def data_mesh(num_devices: int | None = None, axis: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (None: all), axis ``axis``.
+
+    For :class:`HessianOperator`'s ``mesh=`` argument (any mesh with a data axis works).
+    """
+    devices = jax.devices()
+    num_devices = len(devices) if num_devices is None else num_devices
+    if not 1 <= num_devices <= len(devices):
+        raise ValueError(f"num_devices must be in [1, {len(devices)}] (devices available), got {num_devices}")
+    return Mesh(np.asarray(devices[:num_devices]), (axis,))
+
+
+def _leading_size(batch: Any) -> int:
+    sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(
+            "a data-parallel operator needs batches whose arrays all share the leading "
+            f"(example) dimension; got leading sizes {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def pad_batch(batch: dict, multiple: int) -> tuple[dict, float]:
+    """Pad a batch dict to a multiple of ``multiple`` examples with masked examples.
+
+    Padded examples are zeros with ``mask = 0``; an existing ``"mask"`` is kept for
+    the real examples (absent: all ones). Returns ``(padded batch, real count)``.
+    """
+    if not isinstance(batch, dict):
+        raise ValueError(f"padding needs a batch dict (to add a 'mask'), got {type(batch).__name__}")
+    size = _leading_size(batch)
+    mask = np.asarray(batch["mask"], np.float32) if "mask" in batch else np.ones(size, np.float32)
+    real = float(mask.sum())
+    extra = -size % multiple
+    if extra == 0:
+        return {**batch, "mask": mask}, real
+
+    def pad(leaf):
+        leaf = np.asarray(leaf)
+        return np.pad(leaf, [(0, extra)] + [(0, 0)] * (leaf.ndim - 1))
+
+    padded = {key: pad(value) for key, value in batch.items() if key != "mask"}
+    padded["mask"] = pad(mask)
+    return padded, real
+
+
 class HessianOperator(LinearOperator):
     """Hessian of ``loss_fn`` over a whole dataset, at fixed ``params``.
 
@@ -142,40 +205,91 @@ class HessianOperator(LinearOperator):
         fresh iterator of batches (re-iterated at every product).
       reduction: ``"mean"`` (default; the loss the papers measure, papers.md §2/§4)
         or ``"sum"``.
+      mesh: optional ``jax.sharding.Mesh``: split every batch over its ``axis``
+        (data parallel, see the module docstring); ``None``: one device.
+        :func:`data_mesh` builds a 1-D mesh over all devices.
+      axis: the mesh axis the examples are split over (default ``"data"``).
+      uneven: what to do with a batch whose size the device count does not divide:
+        ``"pad"`` (masked padding; the loss must honour ``batch["mask"]`` — checked
+        through the returned count — and treat examples independently),
+        ``"replicate"`` (run that batch whole on every device: exact, not parallel),
+        ``"error"``, or ``"auto"`` (default: ``"replicate"`` for BatchNorm
+        ``"batch"`` mode, whose statistics padded examples would change, else
+        ``"pad"``).
 
     Attributes:
       dim: number of parameters; ``dtype``: dtype of the flattened parameters;
       ``unravel``: flat vector -> pytree like ``params``; ``num_matvecs``: dataset-level
-      products computed so far; ``num_batch_hvps``: per-batch HVPs computed so far.
+      products computed so far; ``num_batch_hvps``: per-batch HVPs computed so far;
+      ``num_devices``: devices per batch; ``num_padded_batch_hvps`` and
+      ``num_replicated_batch_hvps``: per-batch HVPs that were padded / run whole on
+      every device.
     """
 
-    def __init__(self, loss_fn: LossFn, params: PyTree, batches: Batches, *, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        params: PyTree,
+        batches: Batches,
+        *,
+        reduction: str = "mean",
+        mesh: Mesh | None = None,
+        axis: str = DATA_AXIS,
+        uneven: str = "auto",
+    ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if uneven not in UNEVEN_MODES:
+            raise ValueError(f"uneven must be one of {UNEVEN_MODES}, got {uneven!r}")
         flat, unravel = ravel_pytree(params)
         if flat.size == 0:
             raise ValueError("params has no parameters")
         if not jnp.issubdtype(flat.dtype, jnp.floating):
             raise ValueError(f"params must be floating point, got {flat.dtype}")
         self.loss_fn = loss_fn
-        self.params = params
         self.reduction = reduction
         self.dim = int(flat.size)
         self.dtype = flat.dtype
         self.unravel = unravel
         self._iterate = _batch_source(batches)
-        self._flat_hvp = _flat_batch_hvp(loss_fn)
         self.num_batch_hvps = 0
+        self.num_padded_batch_hvps = 0
+        self.num_replicated_batch_hvps = 0
         self.num_examples: float | None = None
         self.num_batches: int | None = None
+        self.mesh, self.axis = mesh, axis
+        if mesh is None:
+            self.num_devices = 1
+            self.params = params
+            self._flat_hvp = _flat_batch_hvp(loss_fn)
+            return
+        if not isinstance(mesh, Mesh):
+            raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        if axis not in mesh.axis_names:
+            raise ValueError(f"axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
+        self.num_devices = int(mesh.shape[axis])
+        bn_mode = getattr(loss_fn, "curvature_settings", {}).get("bn_mode")
+        if uneven == "auto":
+            uneven = "replicate" if bn_mode == "batch" else "pad"
+        self.uneven = uneven
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.params = jax.device_put(params, self._replicated)
+        self._sharded_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, True)
+        self._replicated_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, False)
 
     def _apply(self, vector: jax.Array) -> jax.Array:
+        if self.mesh is not None:
+            vector_in = vector
+            vector = jax.device_put(vector, self._replicated)
         total = jnp.zeros_like(vector)
         count = 0.0
         num_batches = 0
         for batch in self._iterate():
-            product, batch_count = self._flat_hvp(self.params, batch, vector)
+            if self.mesh is None:
+                product, batch_count = self._flat_hvp(self.params, batch, vector)
+            else:
+                product, batch_count = self._parallel_batch_hvp(batch, vector)
             total = total + product
             count = count + batch_count
             num_batches += 1
@@ -186,7 +300,35 @@ class HessianOperator(LinearOperator):
         if count <= 0:
             raise ValueError(f"the batches hold no examples (total count {count})")
         self.num_examples, self.num_batches = count, num_batches
-        return total / count if self.reduction == "mean" else total
+        result = total / count if self.reduction == "mean" else total
+        if self.mesh is not None and isinstance(vector_in, jax.Array):
+            # Back where the caller's vector lives, so that a Lanczos basis on one
+            # device (or anywhere) combines with it without resharding surprises.
+            result = jax.device_put(result, vector_in.sharding)
+        return result
+
+    def _parallel_batch_hvp(self, batch: Any, vector: jax.Array):
+        size = _leading_size(batch)
+        if size % self.num_devices == 0:
+            return self._sharded_hvp(self.params, batch, vector)
+        if self.uneven == "error":
+            raise ValueError(
+                f"a batch of {size} examples does not split over {self.num_devices} devices "
+                "(uneven='error'); use uneven='pad' or 'replicate'"
+            )
+        if self.uneven == "replicate":
+            self.num_replicated_batch_hvps += 1
+            return self._replicated_hvp(self.params, batch, vector)
+        padded, real = pad_batch(batch, self.num_devices)
+        self.num_padded_batch_hvps += 1
+        product, batch_count = self._sharded_hvp(self.params, padded, vector)
+        if abs(float(batch_count) - real) > 1e-3 * max(1.0, real):
+            raise ValueError(
+                f"loss_fn returned count {float(batch_count)} for a batch padded with masked "
+                f"examples holding {real:g} real ones: it does not honour batch['mask'], so "
+                "padding would change the Hessian; use uneven='replicate' or divisible batches"
+            )
+        return product, batch_count
 
     def settings(self) -> OperatorSettings:
         extra = getattr(self.loss_fn, "curvature_settings", {})
@@ -198,7 +340,19 @@ class HessianOperator(LinearOperator):
             num_examples=self.num_examples,
             num_batches=self.num_batches,
             dim=self.dim,
+            num_devices=self.num_devices,
         )
+
+
+def _flat_hvp_fn(loss_fn: LossFn) -> Callable:
+    tree_hvp = batch_hvp(loss_fn)
+
+    def flat_hvp(params, batch, v_flat):
+        _, unravel = ravel_pytree(params)
+        product, count = tree_hvp(params, batch, unravel(v_flat))
+        return ravel_pytree(product)[0], count
+
+    return flat_hvp
 
 
 @cached_per_function
@@ -208,15 +362,21 @@ def _flat_batch_hvp(loss_fn: LossFn) -> Callable:
     Cached per ``loss_fn`` so that every operator built from the same loss (e.g. at
     two different solutions) reuses one compiled program.
     """
-    tree_hvp = batch_hvp(loss_fn)
+    return jax.jit(_flat_hvp_fn(loss_fn))
 
-    @jax.jit
-    def flat_hvp(params, batch, v_flat):
-        _, unravel = ravel_pytree(params)
-        product, count = tree_hvp(params, batch, unravel(v_flat))
-        return ravel_pytree(product)[0], count
 
-    return flat_hvp
+@cached_per_function
+def _flat_batch_hvp_on_mesh(loss_fn: LossFn, mesh: Mesh, axis: str, shard_batch: bool) -> Callable:
+    """The same per-batch HVP jitted over ``mesh``: batch split on ``axis`` (or
+    replicated), params and vector replicated, outputs replicated. XLA partitions
+    the computation by the batch and all-reduces the per-device shares."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data = NamedSharding(mesh, PartitionSpec(axis)) if shard_batch else replicated
+    return jax.jit(
+        _flat_hvp_fn(loss_fn),
+        in_shardings=(replicated, data, replicated),
+        out_shardings=(replicated, replicated),
+    )
 
 
 def dataset_loss(loss_fn: LossFn, params: PyTree, batches: Batches, *, reduction: str = "mean") -> float:
