@@ -37,3 +37,68 @@ def shards():
                                      out_specs=(P(), P())))
 
     return x, y, params, np_grad, step
+
+
+class Quadratic:
+    """L(w) = 0.5 wᵀAw − bᵀw on a 5-parameter pytree, with A = Q diag(eigenvalues) Qᵀ
+    known, so gradients, Hessian-vector products and the top eigenvector are closed
+    forms (numpy float64) that the per-algorithm tests compare against."""
+
+    def __init__(self, eigenvalues=(5.0, 2.0, 1.0, 0.5, -0.25), seed: int = 0):
+        from jax.flatten_util import ravel_pytree
+
+        self.eigenvalues = np.asarray(eigenvalues, np.float64)
+        rng = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+        self.A = q @ np.diag(self.eigenvalues) @ q.T
+        self.B = rng.normal(size=5)
+        self.top = q[:, 0]
+        self.params = {"kernel": jnp.asarray(rng.normal(size=(1, 3)), jnp.float32),
+                       "bias": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+        w0, self.unravel = ravel_pytree(self.params)
+        self.w0 = np.asarray(w0, np.float64)
+        self._ravel = ravel_pytree
+
+    def grad(self, params):
+        """The float32 gradient pytree (what a transform's ``grad_fn`` returns)."""
+        w, _ = self._ravel(params)
+        return self.unravel(jnp.asarray(self.A, jnp.float32) @ w - jnp.asarray(self.B, jnp.float32))
+
+    def np_grad(self, w):
+        """The float64 gradient at the flat vector ``w``."""
+        return self.A @ w - self.B
+
+    def minimizer(self):
+        """The stationary point as a float32 pytree (its gradient is ~0)."""
+        return self.unravel(jnp.asarray(np.linalg.solve(self.A, self.B), jnp.float32))
+
+    def flat(self, tree):
+        return np.asarray(self._ravel(tree)[0], np.float64)
+
+    def run_steps(self, tx, num_steps, params=None, **extra):
+        """``num_steps`` jitted updates at the same params (isolates the transform):
+        (list of flat float64 outputs, final state)."""
+        params = self.params if params is None else params
+        state = tx.init(params)
+        step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=self.grad, **extra))
+        outputs = []
+        for _ in range(num_steps):
+            updates, state = step(self.grad(params), state, params)
+            outputs.append(self.flat(updates))
+        return outputs, state
+
+
+@pytest.fixture(scope="session")
+def quadratic():
+    """The shared indefinite quadratic (top eigenvalue 5, one negative eigenvalue)."""
+    return Quadratic()
+
+
+def close(actual, expected, rtol=1e-5, atol=1e-5):
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def assert_close():
+    """``assert_close(actual, expected, rtol=1e-5, atol=1e-5)``."""
+    return close

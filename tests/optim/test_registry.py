@@ -63,3 +63,28 @@ def test_stats_found_inside_nested_states():
     assert int(stats["count"]) == 2
     assert float(stats["eigenvalue"]) == pytest.approx(3.0, rel=1e-4)  # largest of SCALES
     assert perturbation_stats(optax.sgd(0.1).init(PARAMS)) == {}
+
+
+@pytest.mark.parametrize("name", ["sam", "usam", "asam", "reverse_sam", "eigen_sam", "egr", "gsam",
+                                  "looksam"])
+def test_zero_gradient_finite_and_rho_zero_identity(name, quadratic):
+    """The family contract: finite at a zero gradient; ρ = 0 returns the incoming
+    gradient bit for bit under jit, with a static or an injected (traced) ρ."""
+    q = quadratic
+    at_min = q.minimizer()
+    zero = lambda p: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
+    options = {"refresh_every": 1} if name == "eigen_sam" else {}
+    tx = make_perturbation(name, 0.1, **options)
+    state = tx.init(at_min)
+    for _ in range(2):
+        updates, state = tx.update(zero(at_min), state, at_min, grad_fn=zero,
+                                   **({"learning_rate": 0.1} if name == "gsam" else {}))
+        assert np.all(np.isfinite(q.flat(updates)))
+        assert np.all(np.isfinite(np.asarray(state.perturbation_norm)))
+    extra = {"learning_rate": 0.1} if name == "gsam" else {}
+    for tx in (make_perturbation(name, 0.0),
+               # integer options (LookSAM's k) stay static; ρ is traced
+               optax.inject_hyperparams(PERTURBATIONS[name],
+                                        static_args=("k",) if name == "looksam" else ())(rho=0.0)):
+        (out,), _ = q.run_steps(tx, 1, **extra)
+        assert np.array_equal(out, q.flat(q.grad(q.params)))

@@ -1,7 +1,7 @@
 """SAM against its formula, against optax.contrib.sam, and the contract's edge cases.
 
-Known answers: the quadratic L(w) = 0.5 w^T A w - b^T w has gradient A w - b, so SAM's
-gradient A (w + rho g/||g||) - b is computed by hand in numpy float64.
+Known answers: on the shared quadratic (``conftest.Quadratic``) SAM's gradient
+A (w + rho g/||g||) - b is computed by hand in numpy float64.
 """
 
 import jax
@@ -14,31 +14,10 @@ from jax.flatten_util import ravel_pytree
 import sam_jax
 from sam_jax.optim import SAMState, perturbation_stats
 
-# ---------------------------------------------------------------- quadratic
-EIGENVALUES = np.array([4.0, 2.0, 1.0, 0.5, -0.25])
-_rng = np.random.default_rng(0)
-Q, _ = np.linalg.qr(_rng.normal(size=(5, 5)))
-A = Q @ np.diag(EIGENVALUES) @ Q.T
-B = _rng.normal(size=5)
-PARAMS = {"kernel": jnp.asarray(_rng.normal(size=(1, 3)), jnp.float32),
-          "bias": jnp.asarray(_rng.normal(size=(2,)), jnp.float32)}
-FLAT0, UNRAVEL = ravel_pytree(PARAMS)
 
-
-def quad_grad(params):
-    w, _ = ravel_pytree(params)
-    return UNRAVEL(jnp.asarray(A, jnp.float32) @ w - jnp.asarray(B, jnp.float32))
-
-
-def np_grad(w):
-    return A @ w - B
-
-
-def flat(tree):
-    return np.asarray(ravel_pytree(tree)[0], np.float64)
-
-
-def one_update(tx, params=PARAMS, grad_fn=quad_grad):
+def one_update(tx, quadratic, params=None, grad_fn=None):
+    params = quadratic.params if params is None else params
+    grad_fn = quadratic.grad if grad_fn is None else grad_fn
     state = tx.init(params)
     step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
     return step(grad_fn(params), state, params)
@@ -46,12 +25,12 @@ def one_update(tx, params=PARAMS, grad_fn=quad_grad):
 
 @pytest.mark.parametrize("rho", [0.05, 0.3])
 @pytest.mark.parametrize("eps", [1e-12, 0.0, 0.5])
-def test_sam_matches_formula_on_quadratic(rho, eps):
-    updates, state = one_update(sam_jax.sam(rho, eps=eps))
-    w = np.asarray(FLAT0, np.float64)
-    g = np_grad(w)
-    expected = np_grad(w + rho * g / (np.linalg.norm(g) + eps))
-    np.testing.assert_allclose(flat(updates), expected, rtol=1e-5, atol=1e-6)
+def test_sam_matches_formula_on_quadratic(rho, eps, quadratic):
+    q = quadratic
+    updates, state = one_update(sam_jax.sam(rho, eps=eps), q)
+    g = q.np_grad(q.w0)
+    expected = q.np_grad(q.w0 + rho * g / (np.linalg.norm(g) + eps))
+    np.testing.assert_allclose(q.flat(updates), expected, rtol=1e-5, atol=1e-6)
     assert isinstance(state, SAMState)
     np.testing.assert_allclose(state.grad_norm, np.linalg.norm(g), rtol=1e-6)
     np.testing.assert_allclose(state.perturbation_norm,
@@ -59,15 +38,13 @@ def test_sam_matches_formula_on_quadratic(rho, eps):
     assert int(state.count) == 1
 
 
-def test_zero_gradient_gives_finite_update_even_without_eps():
-    w_star = np.linalg.solve(A, B)
-    params = UNRAVEL(jnp.asarray(w_star, jnp.float32))
+def test_zero_gradient_gives_finite_update_even_without_eps(quadratic):
     zero_grad_fn = lambda p: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
     for tx in (sam_jax.sam(0.05), sam_jax.sam(0.05, eps=0.0)):
-        updates, state = one_update(tx, params, zero_grad_fn)
-        assert np.all(np.isfinite(flat(updates)))
+        updates, state = one_update(tx, quadratic, quadratic.minimizer(), zero_grad_fn)
+        assert np.all(np.isfinite(quadratic.flat(updates)))
         assert float(state.perturbation_norm) == 0.0
-        assert np.all(flat(updates) == 0.0)
+        assert np.all(quadratic.flat(updates) == 0.0)
 
 
 # ---------------------------------------------------------------- small MLP
@@ -121,7 +98,7 @@ def test_sam_matches_optax_contrib_sam_over_several_steps():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # and the test can fail: a different rho moves the result
     other, _, _ = train(optax.chain(sam_jax.sam(2 * rho, eps=0.0), base()))
-    assert not np.allclose(flat(other), flat(reference), atol=1e-4)
+    assert not np.allclose(ravel_pytree(other)[0], ravel_pytree(reference)[0], atol=1e-4)
 
 
 def test_rho_zero_is_bit_for_bit_the_base_optimizer():
@@ -135,51 +112,55 @@ def test_rho_zero_is_bit_for_bit_the_base_optimizer():
             assert jnp.array_equal(a, b)
 
 
-def test_jit_matches_eager():
+def test_jit_matches_eager(quadratic):
+    q = quadratic
     tx = optax.chain(sam_jax.sam(0.1), optax.sgd(0.1))
-    state = tx.init(PARAMS)
-    eager, _ = tx.update(quad_grad(PARAMS), state, PARAMS, grad_fn=quad_grad)
-    jitted, _ = one_update(tx)
-    np.testing.assert_allclose(flat(eager), flat(jitted), rtol=1e-6, atol=1e-7)
+    state = tx.init(q.params)
+    eager, _ = tx.update(q.grad(q.params), state, q.params, grad_fn=q.grad)
+    jitted, _ = one_update(tx, q)
+    np.testing.assert_allclose(q.flat(eager), q.flat(jitted), rtol=1e-6, atol=1e-7)
 
 
-def test_rho_schedule_through_inject_hyperparams():
+def test_rho_schedule_through_inject_hyperparams(quadratic):
+    q = quadratic
     schedule = optax.piecewise_constant_schedule(0.2, {2: 0.5, 4: 0.0})  # 0.2, 0.2, 0.1, 0.1, 0, 0
     tx = optax.inject_hyperparams(sam_jax.sam)(rho=schedule)
-    state = tx.init(PARAMS)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=quad_grad))
-    g = quad_grad(PARAMS)
-    w = np.asarray(FLAT0, np.float64)
-    gn = np_grad(w)
+    state = tx.init(q.params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=q.grad))
+    g = q.grad(q.params)
+    w = q.w0
+    gn = q.np_grad(w)
     for t in range(6):
         rho = float(schedule(t))
-        updates, state = step(g, state, PARAMS)
+        updates, state = step(g, state, q.params)
         stats = perturbation_stats(state)
         np.testing.assert_allclose(stats["rho"], rho, rtol=1e-7)
         np.testing.assert_allclose(stats["perturbation_norm"], rho, rtol=1e-5)
-        expected = np_grad(w + rho * gn / np.linalg.norm(gn))
-        np.testing.assert_allclose(flat(updates), expected, rtol=1e-5, atol=1e-6)
+        expected = q.np_grad(w + rho * gn / np.linalg.norm(gn))
+        np.testing.assert_allclose(q.flat(updates), expected, rtol=1e-5, atol=1e-6)
         if rho == 0.0:
             assert jnp.array_equal(ravel_pytree(updates)[0], ravel_pytree(g)[0])
 
 
-def test_clipping_in_the_chain_clips_the_sam_gradient():
+def test_clipping_in_the_chain_clips_the_sam_gradient(quadratic):
+    q = quadratic
     rho, max_norm = 0.1, 0.5
     tx = optax.chain(sam_jax.sam(rho), optax.clip_by_global_norm(max_norm), optax.sgd(1.0))
-    updates, _ = one_update(tx)
-    w = np.asarray(FLAT0, np.float64)
-    g = np_grad(w)
-    sam_grad = np_grad(w + rho * g / np.linalg.norm(g))
+    updates, _ = one_update(tx, q)
+    w = q.w0
+    g = q.np_grad(w)
+    sam_grad = q.np_grad(w + rho * g / np.linalg.norm(g))
     expected = -sam_grad * min(1.0, max_norm / np.linalg.norm(sam_grad))
-    np.testing.assert_allclose(flat(updates), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.flat(updates), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_bad_input_is_rejected_clearly():
+def test_bad_input_is_rejected_clearly(quadratic):
+    q = quadratic
     with pytest.raises(ValueError, match="rho"):
         sam_jax.sam(-0.1)
     tx = sam_jax.sam(0.1)
-    state = tx.init(PARAMS)
+    state = tx.init(q.params)
     with pytest.raises(ValueError, match="grad_fn"):
-        tx.update(quad_grad(PARAMS), state, PARAMS)
+        tx.update(q.grad(q.params), state, q.params)
     with pytest.raises(ValueError, match="params"):
-        tx.update(quad_grad(PARAMS), state, None, grad_fn=quad_grad)
+        tx.update(q.grad(q.params), state, None, grad_fn=q.grad)
