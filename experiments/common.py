@@ -380,22 +380,15 @@ class Timer:
 _EVAL_FNS: dict = {}
 
 
-def _eval_fn(model):
-    """A jitted (loss_sum, correct, count) of one padded batch, cached per model."""
-    import jax
-    import jax.numpy as jnp
-    import optax
+def _evaluator(model, batch_size: int):
+    """The library's evaluation loop (`sam_jax.train.make_evaluator`), compiled once per
+    (model, batch size) and kept for the process (experiments evaluate many runs)."""
+    from sam_jax.train import make_evaluator
 
-    if model not in _EVAL_FNS:
-        @jax.jit
-        def fn(variables, batch):
-            logits = model.apply(variables, batch["x"], train=False)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-            mask = batch["mask"]
-            correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
-            return jnp.sum(losses * mask), jnp.sum(correct * mask), jnp.sum(mask)
-        _EVAL_FNS[model] = fn
-    return _EVAL_FNS[model]
+    key = (model, batch_size)
+    if key not in _EVAL_FNS:
+        _EVAL_FNS[key] = make_evaluator(model, batch_size)
+    return _EVAL_FNS[key]
 
 
 def evaluate(model, variables, dataset, batch_size: int = 500) -> dict[str, float]:
@@ -412,10 +405,4 @@ def evaluate(model, variables, dataset, batch_size: int = 500) -> dict[str, floa
     Returns:
       ``{"loss": mean cross entropy, "acc": accuracy}``.
     """
-    fn = _eval_fn(model)
-    totals = np.zeros(3)
-    batch_size = min(batch_size, dataset.num_examples)
-    for batch in dataset.batches(batch_size, shuffle=False, drop_remainder=False,
-                                 pad_remainder=True):
-        totals += np.array([float(v) for v in fn(variables, batch)])
-    return {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
+    return _evaluator(model, batch_size)(variables, dataset)

@@ -19,23 +19,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import optax
+
+from sam_jax.losses import cross_entropy_sum  # noqa: F401  (the library's one cross-entropy)
 
 BN_MODES = ("batch", "running")
-
-
-def cross_entropy_sum(logits: jax.Array, labels: jax.Array, label_smoothing: float, mask=None):
-    """Summed softmax cross entropy (optionally smoothed labels, optionally masked)."""
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    losses = optax.softmax_cross_entropy(logits, targets)
-    if mask is None:
-        return jnp.sum(losses), jnp.asarray(losses.shape[0], logits.dtype)
-    mask = mask.astype(logits.dtype)
-    return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def flax_loss_fn(
