@@ -354,10 +354,46 @@ def select_on_rho(rho, grads: Updates, perturbed: Callable[[], Updates]) -> Upda
 
 
 def check_rho(rho, name: str = "rho") -> None:
-    """ValueError for a negative or non-finite concrete ``rho`` (tracers pass through)."""
-    value = static_value(rho) if not callable(rho) else None
+    """Refuses a ``rho`` that is not a number, or a concrete one that is negative or
+    not finite; traced values (``optax.inject_hyperparams``, a ρ the engine passes
+    as a traced scalar) and schedules (callables) pass through unchecked.
+
+    Raises:
+      TypeError: ``rho`` is a string, None or a bool.
+      ValueError: a concrete ``rho`` < 0, NaN or infinite.
+    """
+    if callable(rho):
+        return
+    if rho is None or isinstance(rho, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number (the perturbation radius, e.g. 0.05), "
+                        f"got {rho!r} of type {type(rho).__name__}")
+    try:
+        value = static_value(rho)
+    except ValueError:  # e.g. a NumPy string scalar
+        raise TypeError(f"{name} must be a number (the perturbation radius, e.g. 0.05), "
+                        f"got {rho!r}") from None
     if value is not None and (not jnp.isfinite(value) or value < 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {rho!r}")
+
+
+def check_param_dtypes(params, name: str = "sam") -> None:
+    """TypeError naming the first parameter that is not floating point.
+
+    SAM-family transforms step along ``g / ||g||``; integer or boolean parameters
+    cannot move along it (and their gradients are ``float0``). Floating parameters
+    of any width work: norms and inner products accumulate in at least float32
+    (bfloat16 / float16 parameters), and each leaf keeps its dtype.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            continue
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{name}: parameter {jax.tree_util.keystr(path) or '(root)'} has dtype "
+                f"{jnp.dtype(dtype).name}; SAM-family optimizers need floating-point "
+                "parameters (float32, bfloat16, float16 or float64): keep integer "
+                "state out of the optimized tree (e.g. a separate Flax collection)")
 
 
 def check_axis_name(axis_name) -> None:
@@ -437,6 +473,7 @@ def perturbation_transform(
         from sam_jax.optim.multisteps import refuse_inside_multisteps
 
         refuse_inside_multisteps(name)  # optax.MultiSteps around us is wrong for SAM
+        check_param_dtypes(params, name)
         extra = init_extra(params) if init_extra is not None else {}
         zero = jnp.zeros((), jnp.float32)
         return state_type(
@@ -451,6 +488,7 @@ def perturbation_transform(
                 f"{name}.update needs grad_fn=..., a function params -> grads of the same "
                 "minibatch, e.g. tx.update(grads, state, params, grad_fn=grad_fn)."
             )
+        check_param_dtypes(params, name)
         ascent = ascent_gradient(updates, axis_name, sync_perturbation)
         epsilon, extra_fields = perturb(ascent, params, state, grad_fn, extra_args)
         if evaluate_fields:

@@ -21,22 +21,46 @@ deletion leaves either a listed intact step or an unlisted one in the trash. The
 listings (`Checkpointer.epochs`, `latest_epoch`) also skip a step directory that
 lacks any of its completion markers (``_CHECKPOINT_METADATA``, ``commit_success.txt``
 and each item's metadata), e.g. one half deleted in place by an older version.
+
+Corruption. Every save records a SHA-256 digest of each saved array in ``meta``
+(``meta["checksums"]``, committed atomically with the arrays), because orbax has
+no checksum of its own: a flipped byte in an array's data reads back as a silently
+different number. Every restore compares the arrays it read with the digests, and
+`latest_epoch` checks the newest steps this way (a full read: meta, variables and
+optimizer state) before offering one. A corrupt newest step is *moved aside* into
+``checkpoints/corrupt/<epoch>`` (one rename; never deleted: retention only sees
+listed steps), a `CorruptCheckpointWarning` names it and the error, and the run
+resumes from the newest intact step; its next saves cannot collide with the corrupt
+step. Read-only openers (``init_from``, `load_variables`) skip it the same way
+without moving it.
+
+Write failures (disk full, read-only file system) surface as one
+`CheckpointWriteError` naming the epoch that could not be saved and the newest
+intact checkpoint; orbax's background-thread tracebacks are not printed.
 """
 from __future__ import annotations
 
+import atexit
+import errno
+import hashlib
+import logging
 import os
 import shutil
+import warnings
+import weakref
 from typing import Any, Iterable, Optional
-
-import logging
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from sam_jax.train.workdir import WorkdirError
+
 CHECKPOINT_SUBDIR = "checkpoints"
 TRASH_SUBDIR = "_deleted"  # retention renames old steps here, then they are removed
+CORRUPT_SUBDIR = "corrupt"  # corrupt steps are moved here (never deleted automatically)
+CHECKSUM_KEY = "checksums"  # meta field: {"variables": {path: sha256}, "opt_state": ...}
 # Files every complete step directory holds (relative to the step directory).
 _STEP_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "meta/metadata",
                  "variables/_METADATA", "variables/manifest.ocdbt",
@@ -54,11 +78,105 @@ class _DropReadOnlyNotices(logging.Filter):
         return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
 
 
+class _DropBackgroundSaveTracebacks(logging.Filter):
+    """Drops orbax's ERROR records (with tracebacks) of a failed background save.
+
+    The same exception is re-raised by ``wait_until_finished``, where `Checkpointer`
+    turns it into one `CheckpointWriteError` line; orbax would otherwise log the
+    traceback of each failed thread (about seven of them for a full disk).
+    """
+
+    _MARKERS = ("background save thread", "Save Finalize thread", "[wait_until_finished]",
+                "Failed to run", "_thread_func", "save_finalize")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        return not any(marker in message for marker in self._MARKERS)
+
+
 logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
+logging.getLogger("absl").addFilter(_DropBackgroundSaveTracebacks())
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not match the run reading it."""
+
+
+class CheckpointWriteError(WorkdirError):
+    """A checkpoint could not be written (disk full, read-only file system, ...).
+
+    An ``OSError`` (a `sam_jax.train.workdir.WorkdirError`) with the failed write's
+    ``errno``; the message names the epoch that was not saved and the newest intact
+    checkpoint, which the failed save leaves untouched (orbax writes into a
+    temporary directory and renames it only when complete).
+    """
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """The newest checkpoint is corrupt; the run falls back to an older intact one."""
+
+
+# Every writable Checkpointer still open, closed at interpreter exit (a run that
+# raised before closing its manager otherwise ends with orbax's
+# "RuntimeError: Event loop is closed" from a thread torn down during shutdown).
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_checkpointers() -> None:
+    for ckpt in list(_OPEN):
+        try:
+            ckpt.close()
+        except BaseException:  # noqa: BLE001 - exiting anyway; the error was reported
+            pass
+
+
+def _path_str(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _digest(x) -> str:
+    arr = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()[:32]
+
+
+def tree_digests(tree) -> dict:
+    """``{leaf path: sha256 (128 bits, hex) of dtype, shape and bytes}`` of a pytree."""
+    return {_path_str(path): _digest(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _is_disk_error(err: BaseException) -> Optional[int]:
+    """The errno of a write failure in ``err`` or its causes (None: not one)."""
+    seen = 0
+    while err is not None and seen < 10:
+        code = getattr(err, "errno", None)
+        if isinstance(err, OSError) and code in (errno.ENOSPC, errno.EROFS, errno.EACCES,
+                                                 errno.EDQUOT, errno.EIO, errno.EPERM):
+            return code
+        text = str(err)
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+            return errno.ENOSPC
+        if "Read-only file system" in text:
+            return errno.EROFS
+        if "Permission denied" in text:
+            return errno.EACCES
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def checkpoint_dir(path: str) -> str:
@@ -115,8 +233,15 @@ class Checkpointer:
                            "opt_state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self._read_only = read_only
+        self._async = async_save
+        self._pending: Optional[int] = None  # epoch of a save not yet known to be complete
+        self._failed: Optional[CheckpointWriteError] = None
+        self._closed = False
+        self._verified: dict[int, Optional[str]] = {}  # epoch -> problem (None: intact)
+        self.skipped_corrupt: list[tuple[int, str]] = []  # (epoch, why) found by latest_epoch
         if not read_only:
             self._empty_trash()
+            _OPEN.add(self)
 
     # ----------------------------------------------------------------- queries
     def _complete(self, epoch: int) -> bool:
@@ -136,12 +261,20 @@ class Checkpointer:
         return sorted(e for e in self._manager.all_steps() if self._complete(e))
 
     def latest_epoch(self) -> Optional[int]:
-        """The newest complete checkpoint's epoch (None: none).
+        """The newest complete *and intact* checkpoint's epoch (None: none).
+
+        The newest steps are read in full and checked against the digests recorded
+        at save time (`verify`). A corrupt one is skipped with a
+        `CorruptCheckpointWarning` naming its epoch and the error; a writable
+        checkpointer also moves it aside into ``checkpoints/corrupt/`` (never
+        deleted), so the resumed run's saves and retention cannot collide with it.
+        The skipped steps are listed in ``self.skipped_corrupt``.
 
         Raises:
           CheckpointError: the newest step directory is incomplete (a retention
             deletion leaves only older ones so): resuming from an older step would
-            collide with it, and it is never deleted automatically.
+            collide with it, and it is never deleted automatically; or every
+            checkpoint is corrupt (they are kept, moved aside).
         """
         epochs = self.epochs()
         latest = epochs[-1] if epochs else None
@@ -155,7 +288,69 @@ class Checkpointer:
                 f"from epoch {latest}" if latest is not None else
                 f"the newest checkpoint {step_dir} is incomplete (missing {', '.join(missing)}) "
                 f"and no complete one exists; it is not deleted automatically")
-        return latest
+        skipped = []
+        for epoch in reversed(epochs):
+            problem = self.verify(epoch)
+            if problem is None:
+                break
+            skipped.append((epoch, problem))
+            self._set_aside(epoch, problem, older=[e for e in epochs if e < epoch])
+        else:
+            epoch = None
+        if skipped and epoch is None:
+            where = (f"moved to {os.path.join(self.directory, CORRUPT_SUBDIR)}"
+                     if not self._read_only else "left in place")
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is corrupt (epochs "
+                f"{[e for e, _ in skipped]}; {where}, not deleted): "
+                + "; ".join(f"epoch {e}: {why}" for e, why in skipped)
+                + ". Use a new --workdir to train from scratch")
+        return epoch
+
+    def verify(self, epoch: int) -> Optional[str]:
+        """None when the checkpoint at ``epoch`` reads back intact, else what is wrong.
+
+        Reads its meta, variables and optimizer state in full (not into a model:
+        the saved structure as is) and compares every array with the SHA-256
+        digests its save recorded (checkpoints written before the digests existed
+        are only read). Cached per epoch.
+        """
+        if epoch in self._verified:
+            return self._verified[epoch]
+        try:
+            meta = dict(self._manager.restore(
+                epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+            recorded = meta.get(CHECKSUM_KEY) or {}
+            for item in ("variables", "opt_state"):
+                if self._manager.item_metadata(epoch)[item] is None:
+                    raise CheckpointError(f"no {item!r} item")
+                restored = self._manager.restore(epoch, args=ocp.args.Composite(
+                    **{item: ocp.args.StandardRestore()}))[item]
+                _compare_digests(item, restored, recorded.get(item))
+            problem = None
+        except Exception as err:  # noqa: BLE001 - orbax raises many types; report them
+            problem = _one_line(err)
+        self._verified[epoch] = problem
+        return problem
+
+    def _set_aside(self, epoch: int, problem: str, older: list[int]) -> None:
+        step_dir = os.path.join(self.directory, str(epoch))
+        fallback = f"epoch {older[-1]}" if older else "no older checkpoint"
+        moved = ""
+        if not self._read_only:
+            corrupt = os.path.join(self.directory, CORRUPT_SUBDIR)
+            os.makedirs(corrupt, exist_ok=True)
+            target, n = os.path.join(corrupt, str(epoch)), 1
+            while os.path.exists(target):
+                target, n = os.path.join(corrupt, f"{epoch}.{n}"), n + 1
+            os.rename(step_dir, target)
+            self._manager.reload()
+            moved = f"; moved to {target} (kept for inspection, never deleted automatically)"
+        self.skipped_corrupt.append((epoch, problem))
+        warnings.warn(
+            f"CORRUPT CHECKPOINT: the checkpoint at epoch {epoch} ({step_dir}) is corrupt "
+            f"and is skipped: {problem}{moved}; falling back to {fallback}",
+            CorruptCheckpointWarning, stacklevel=3)
 
     def _empty_trash(self) -> None:
         """Removes the steps retention has moved to ``_deleted/`` (already unlisted)."""
@@ -166,28 +361,102 @@ class Checkpointer:
 
     # -------------------------------------------------------------------- save
     def save(self, epoch: int, params, batch_stats, opt_state, meta: dict) -> None:
-        """Saves the state after ``epoch`` completed epochs (async by default)."""
+        """Saves the state after ``epoch`` completed epochs (async by default).
+
+        ``meta`` gets the SHA-256 digest of every saved array (``meta["checksums"]``).
+
+        Raises:
+          CheckpointWriteError: this save, or the previous asynchronous one, could
+            not be written (disk full, read-only file system); earlier checkpoints
+            are intact.
+        """
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
+        leaves = _leaves_dict(opt_state)
+        meta = {**meta, CHECKSUM_KEY: {"variables": tree_digests(variables),
+                                       "opt_state": tree_digests(leaves)}}
         # The previous save (and the retention renames it triggered) is finished
         # before the trash is emptied; orbax waits for it anyway before saving.
-        self._manager.wait_until_finished()
+        self.wait()
         self._empty_trash()
-        self._manager.save(epoch, args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables),
-            opt_state=ocp.args.StandardSave(_leaves_dict(opt_state)),
-            meta=ocp.args.JsonSave(meta),
-        ), force=True)
+        self._pending = epoch
+        try:
+            self._manager.save(epoch, args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(variables),
+                opt_state=ocp.args.StandardSave(leaves),
+                meta=ocp.args.JsonSave(meta),
+            ), force=True)
+        except Exception as err:
+            self._raise_write_error(err)
+        if not self._async:
+            self.wait()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the pending asynchronous save.
+
+        Raises:
+          CheckpointWriteError: it failed (named epoch; earlier ones intact).
+        """
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            self._raise_write_error(err)
+        self._pending = None
+
+    def _raise_write_error(self, err: BaseException):
+        code = _is_disk_error(err)
+        if code is None:
+            raise err
+        epoch = self._pending
+        try:
+            intact = [e for e in self.epochs() if e != epoch]
+        except Exception:  # noqa: BLE001
+            intact = []
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.EIO: "an I/O error"}.get(code, os.strerror(code))
+        self._failed = CheckpointWriteError(
+            code, f"could not save the checkpoint of epoch {epoch} in {self.directory}: "
+            f"{what} ({_root_message(err)}); "
+            + (f"the newest intact checkpoint is epoch {intact[-1]} (a rerun of the same "
+               f"command resumes from it once there is room)" if intact else
+               "no checkpoint of this run is intact yet"), self.directory)
+        self._failed.__cause__ = None
+        raise self._failed from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-        if not self._read_only:
-            self._empty_trash()
+        """Finishes the pending save and closes orbax's manager (idempotent).
+
+        Raises:
+          CheckpointWriteError: the pending save failed and that was not yet
+            raised (a failure already raised is not raised again).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        already = self._failed is not None
+        error = None
+        try:
+            if not already:
+                try:
+                    self.wait()
+                except CheckpointWriteError as err:
+                    error = err
+            try:
+                self._manager.close()
+            except Exception as err:  # noqa: BLE001
+                if error is None and not already and _is_disk_error(err) is None:
+                    raise
+        finally:
+            if not self._read_only:
+                self._empty_trash()
+        if error is not None:
+            raise error from None
 
     # ----------------------------------------------------------------- restore
     def _require(self, epoch: int) -> None:
@@ -221,6 +490,7 @@ class Checkpointer:
             target["batch_stats"] = batch_stats_like
         self._check_matches(epoch, "variables", target)
         restored = self._restore_item(epoch, "variables", _abstract(target, sharding))
+        self._check_digests(epoch, "variables", restored)
         return restored["params"], restored.get("batch_stats", {})
 
     def opt_state_matches(self, epoch: int, opt_state_like) -> bool:
@@ -242,8 +512,17 @@ class Checkpointer:
                                   "does not match the current optimizer")
         leaves_like = _leaves_dict(opt_state_like)
         restored = self._restore_item(epoch, "opt_state", _abstract(leaves_like, sharding))
+        self._check_digests(epoch, "opt_state", restored)
         treedef = jax.tree.structure(opt_state_like)
         return jax.tree.unflatten(treedef, [restored[k] for k in sorted(restored)])
+
+    def _check_digests(self, epoch: int, item: str, restored) -> None:
+        recorded = (self.restore_meta(epoch).get(CHECKSUM_KEY) or {}).get(item)
+        try:
+            _compare_digests(item, restored, recorded)
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint at epoch {epoch} in {self.directory} is "
+                                  f"corrupt: {err}") from None
 
     def _restore_item(self, epoch: int, item: str, abstract_target) -> Any:
         try:
@@ -274,6 +553,37 @@ class Checkpointer:
                     f"model: {item}{path} has shape {saved_paths.get(path, 'missing')} in the "
                     f"checkpoint and {want_paths.get(path, 'missing')} in the model "
                     "(a different model, width or dataset?)")
+
+
+def _compare_digests(item: str, restored, recorded: Optional[dict]) -> None:
+    """CheckpointError naming the first array whose digest differs from ``recorded``."""
+    if not recorded:
+        return  # written before digests were recorded: nothing to compare
+    got = tree_digests(restored)
+    if set(got) != set(recorded):
+        raise CheckpointError(f"{item} holds arrays {sorted(got)[:4]}..., the save recorded "
+                              f"{sorted(recorded)[:4]}...")
+    for path in sorted(recorded):
+        if got[path] != recorded[path]:
+            raise CheckpointError(
+                f"{item}/{path}: its bytes differ from the SHA-256 digest recorded at save "
+                "time (a changed byte on disk)")
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost cause's message (one line)."""
+    seen = 0
+    while (err.__cause__ or err.__context__) is not None and seen < 10:
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return _one_line(err)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    if len(text) > limit:
+        text = text[:limit] + " ..."
+    return f"{type(err).__name__}: {text}"
 
 
 def _abstract(tree, sharding):

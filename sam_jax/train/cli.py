@@ -3,8 +3,12 @@
 
 Every `TrainConfig` field is a flag (``batch_size`` -> ``--batch-size``; booleans
 have ``--no-`` forms; dict fields take JSON, e.g. ``--model-kwargs '{"width": 8}'``;
-``none`` unsets an optional number). Invalid values exit with an argparse error
-naming the problem.
+``none`` unsets an optional number; ``--data-dir`` is the TFDS data directory,
+``dataset_kwargs["data_dir"]``). Errors print one line and no traceback:
+``error: <what is wrong> (see python -m sam_jax.train --help)`` with exit status 2
+for invalid arguments, a refused resume or an unusable workdir, and 1 for a failure
+while training (divergence, a disk that fills up while saving). Warnings (a corrupt
+checkpoint skipped, another code version) print as ``warning: ...`` lines.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import sys
 import time
 import typing
+import warnings
 
 from sam_jax.train.config import TrainConfig
 
@@ -36,7 +41,7 @@ _HELP = {
                      "(full-batch epsilon, exact: ascent and perturbed gradients averaged "
                      "over the microbatches; any algorithm)",
     "eval_batch_size": "test evaluation batch size",
-    "steps_per_epoch": "cap on steps per epoch (default: one pass over the train set)",
+    "steps_per_epoch": "cap on steps per epoch; none = one pass over the train set",
     "lr": "peak learning rate",
     "schedule": "cosine | wrn_step | constant, on the global step",
     "warmup_epochs": "linear warm-up epochs",
@@ -47,7 +52,7 @@ _HELP = {
     "label_smoothing": "label smoothing of the training loss (late-phase SAM code: 0.1)",
     "clip_norm": "global-norm clip of the final gradient (official JAX SAM: 5.0)",
     "momentum_at_switch": "reset (paper's code) | carry the momentum buffer across a switch",
-    "num_devices": "devices on the data mesh axis (default all)",
+    "num_devices": "devices on the data mesh axis; none = all",
     "per_device_perturbation": "per-device epsilon (m-sharpness) via shard_map",
     "seed": "seed of init, data order and dropout",
     "init_from": "start from another run's checkpoint: its workdir",
@@ -86,9 +91,38 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+PROG = "python -m sam_jax.train"
+HELP_POINTER = f"(see {PROG} --help)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"error: {message} {HELP_POINTER}\n")
+
+
+def _default_text(default) -> str:
+    if default is None:
+        return "none"
+    if isinstance(default, dict):
+        return json.dumps(default)
+    return str(default)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sam_jax.train",
+    parser = _Parser(
+        prog=PROG, usage=f"{PROG} [--option value ...] (every option below)",
         description="Train a model with phases of SAM-family optimizers "
                     "(e.g. --phases sgd:20,sam:5).")
     hints = typing.get_type_hints(TrainConfig)
@@ -102,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
             from sam_jax.optim import registry
 
             text = text.format(phases=registry.phases_help())
-        kwargs = {"default": default, "help": f"{text} (default: {default})".replace("%", "%%")}
+        kwargs = {"default": default,
+                  "help": f"{text} (default: {_default_text(default)})".replace("%", "%%")}
         if hint.startswith("<class 'bool'>") or hint.startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
+            on = flag if default else "--no-" + flag[2:]
+            kwargs["help"] = f"{text} (default: {on})".replace("%", "%%")
         elif "dict" in hint:
             kwargs["type"] = _json_dict
         elif "int" in hint:
@@ -114,22 +151,56 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs["type"] = str
         parser.add_argument(flag, dest=field.name, **kwargs)
-    parser.add_argument("--cpu-devices", type=int, default=None,
-                        help="simulate this many CPU devices (set before JAX starts)")
+    parser.add_argument("--data-dir", default=None,
+                        help="TFDS data directory of a TFDS dataset (cifar10, cifar100, svhn, "
+                             "fashion_mnist, mnist); sets dataset_kwargs['data_dir'] "
+                             "(default: TFDS's own)")
+    parser.add_argument("--cpu-devices", type=_positive_int, default=None,
+                        help="simulate this many CPU devices (set before JAX starts; >= 1)")
     return parser
+
+
+def _apply_data_dir(args: dict, data_dir) -> None:
+    """Maps ``--data-dir`` onto ``dataset_kwargs["data_dir"]`` (TFDS datasets only)."""
+    if data_dir is None:
+        return
+    from sam_jax.data.registry import TFDS
+
+    if args["dataset"] not in TFDS:
+        raise ValueError(f"--data-dir is the TFDS data directory; --dataset "
+                         f"{args['dataset']} is built in (no download, no data directory). "
+                         f"TFDS datasets: {', '.join(TFDS)}")
+    given = args["dataset_kwargs"].get("data_dir")
+    if given is not None and given != data_dir:
+        raise ValueError(f"--data-dir {data_dir} and --dataset-kwargs data_dir {given} "
+                         "disagree; give one")
+    args["dataset_kwargs"] = {**args["dataset_kwargs"], "data_dir": data_dir}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each: ``warning: <Category>: <message>``."""
+    print(f"warning: {category.__name__}: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     cpu_devices = args.pop("cpu_devices")
+    data_dir = args.pop("data_dir")
+    warnings.showwarning = _show_warning
+    try:
+        _apply_data_dir(args, data_dir)
+        config = TrainConfig(**args)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
     if cpu_devices is not None:
         import jax
 
         jax.config.update("jax_num_cpu_devices", cpu_devices)
+    from sam_jax.train.checkpoint import CheckpointWriteError
     from sam_jax.train.loop import TrainingDiverged, check_config, run
+    from sam_jax.train.workdir import WorkdirError
 
-    config = TrainConfig(**args)
     try:
         check_config(config)
     except ValueError as err:
@@ -138,16 +209,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(config)
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _fail(1, str(err))
+    except CheckpointWriteError as err:  # disk full / read-only while saving
+        return _fail(1, str(err))
+    except WorkdirError as err:  # unusable --workdir, found before anything is written
+        return _fail(2, str(err))
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.error(str(err))
+    except OSError as err:  # another write failure (e.g. metrics.jsonl on a full disk)
+        return _fail(1, f"{err.strerror or err} ({getattr(err, 'filename', None) or ''})")
     from sam_jax.train.logging import summarize
 
     print(summarize(result.history[-min(len(result.history), 10):]))
     print(f"done: {result.final_epoch} epochs, {result.grad_evals:.0f} gradient evaluations, "
           f"{time.time() - start:.1f} s this invocation; results in {result.workdir}")
     return 0
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

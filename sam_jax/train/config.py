@@ -344,8 +344,15 @@ class TrainConfig:
         if self.lambda_max_every < 0:
             raise ValueError(f"lambda_max_every must be >= 0, got {self.lambda_max_every}")
         for name in ("lr", "weight_decay", "warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got "
+                                 f"{getattr(self, name)}")
+        if self.clip_norm is not None and not math.isfinite(self.clip_norm):
+            raise ValueError(f"clip_norm must be a finite number > 0 or None, got "
+                             f"{self.clip_norm}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed \
+                or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:

@@ -308,6 +308,8 @@ def run(config: TrainConfig) -> RunResult:
       CheckpointError (a ValueError): missing, corrupt or mismatched checkpoint.
       TrainingDiverged: NaN/inf loss; the last good checkpoint stays intact.
     """
+    from sam_jax.train.workdir import check_usable
+    check_usable(config.workdir)  # a file / read-only workdir: one WorkdirError, no write
     phases = check_config(config)
     from sam_jax.models import get_model
 
