@@ -383,7 +383,7 @@ _EVAL_FNS: dict = {}
 def _evaluator(model, batch_size: int):
     """The library's evaluation loop (`sam_jax.train.make_evaluator`), compiled once per
     (model, batch size) and kept for the process (experiments evaluate many runs)."""
-    from sam_jax.train import make_evaluator
+    from sam_jax.train.loop import make_evaluator
 
     key = (model, batch_size)
     if key not in _EVAL_FNS:
