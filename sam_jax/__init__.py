@@ -20,3 +20,15 @@ from sam_jax.optim import (  # noqa: E402  (after __version__ so submodules can 
     sam,
     usam,
 )
+
+# Flax training-loop helpers (sam_jax/flax_train.py), imported on first use so that
+# `import sam_jax` does not pay for flax.nnx.
+_FLAX_TRAIN = ("SAMTrainState", "value_and_grad_fn", "nnx_value_and_grad_fn", "nnx_update")
+
+
+def __getattr__(name):
+    if name in _FLAX_TRAIN:
+        from sam_jax import flax_train
+
+        return getattr(flax_train, name)
+    raise AttributeError(f"module 'sam_jax' has no attribute {name!r}")
