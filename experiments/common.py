@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -35,15 +36,23 @@ def build_parser(description: str, default_scale: str = "cpu") -> argparse.Argum
     Returns:
       An ``argparse.ArgumentParser`` with ``--scale``, ``--workdir`` and ``--seeds``.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, prog=_prog())
     parser.add_argument("--scale", choices=SCALES, default=default_scale,
-                        help="preset: tiny (seconds, tests), cpu (minutes on 2 cores), "
-                             "paper (the paper's configuration, GPU)")
+                        help="preset: tiny (seconds, a smoke test), cpu (minutes on 2 cores), "
+                             f"paper (the paper's configuration, GPU); default: {default_scale}")
     parser.add_argument("--workdir", required=True, type=Path,
                         help="run directory for results.json, figures and checkpoints")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds to run (default: the preset's)")
     return parser
+
+
+def _prog() -> str | None:
+    """``python -m experiments.NAME`` when run as a module (argparse would say ``NAME.py``)."""
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if path is not None and path.suffix == ".py" and path.parent.name == "experiments":
+        return f"python -m experiments.{path.stem}"
+    return None
 
 
 SMOKE_NOTICE = "tiny scale: smoke test, numbers are not results"
