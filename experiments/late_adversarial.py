@@ -414,10 +414,20 @@ def format_verdicts(claim: dict, cfg: ATConfig) -> str:
     ])
 
 
+def _model_name(cfg: ATConfig) -> str:
+    kw = cfg.model_kwargs
+    if cfg.model == "mlp":
+        return f"MLP {kw.get('depth', 1)}×{kw.get('width', '?')}"
+    if cfg.model == "wrn":
+        return f"WRN-{kw.get('depth')}-{kw.get('widen_factor')}"
+    return cfg.model
+
+
 def plot_at(cfg: ATConfig, rows: dict, per_seed: dict, seeds, scale: str, path) -> str:
     """(a) clean and robust test accuracy per training; (b) robust accuracy over epochs."""
     plt = common.pyplot()
-    fig, (ax, curve_ax) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (ax, curve_ax) = plt.subplots(1, 2, figsize=(11, 4.3),
+                                       gridspec_kw={"width_ratios": [1, 1.4]})
     x = np.arange(len(RUNS))
     for offset, key, color, label in ((-0.2, "clean_acc", common.PALETTE[0], "clean"),
                                       (0.2, "robust_acc", common.PALETTE[1], "robust (PGD)")):
@@ -425,33 +435,41 @@ def plot_at(cfg: ATConfig, rows: dict, per_seed: dict, seeds, scale: str, path) 
         errs = [100 * common.ci_half_width(rows[k][key]["values"]) for k in RUNS]
         ax.bar(x + offset, means, width=0.4, color=color, yerr=errs, capsize=3, label=label)
         for xi, m in zip(x + offset, means):
-            ax.text(xi, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+            ax.text(xi, 3, f"{m:.1f}", ha="center", va="bottom", fontsize=7, color="white")
     ax.set_xticks(x, [RUN_NAMES[k] for k in RUNS])
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 110)
-    ax.legend(loc="lower right")
-    ax.set_title("(a) final models; error bar: 95 % t-interval over seeds")
+    ax.set_ylim(0, 118)
+    ax.legend(loc="upper center", fontsize=7, ncol=2)
+    ax.set_title("(a) final models\nerror bar: 95 % t-interval over seeds")
+    switch = cfg.switch_epoch
     for i, name in enumerate(RUNS):
         epochs = sorted(int(e) for e in per_seed[seeds[0]]["curves"][name])
+        if name == "late_at":  # identical to the standard run before the switch
+            epochs = [e for e in epochs if e >= switch]
         runs = [[100 * per_seed[s]["curves"][name][str(e)] for e in epochs] for s in seeds]
         common.plot_band(curve_ax, epochs, runs, label=RUN_NAMES[name], color=common.PALETTE[i])
-    curve_ax.axvline(cfg.switch_epoch, color="gray", ls="--", lw=1)
-    curve_ax.text(cfg.switch_epoch, 2, " AT switched on", color="gray", fontsize=7)
+    curve_ax.axvline(switch, color="gray", ls="--", lw=1)
+    curve_ax.text(switch, 90, "AT switched on ", color="gray", fontsize=7, ha="right")
     curve_ax.set_xlabel("epoch")
     curve_ax.set_ylabel("robust test accuracy (%)")
     curve_ax.set_ylim(0, 100)
     lr_ax = curve_ax.twinx()
     lr_ax.step(np.arange(cfg.total_epochs) + 1,
-               [cfg.lr * f for f in _lr_factors(cfg)], where="pre", color="k", lw=0.8, alpha=0.5)
+               [cfg.lr * f for f in _lr_factors(cfg)], where="pre", color="k", lw=0.8, alpha=0.5,
+               label=f"learning rate ({cfg.schedule}, right axis)")
     lr_ax.set_ylabel("learning rate (grey line)")
-    lr_ax.set_ylim(0, cfg.lr * 1.1)
+    lr_ax.set_ylim(0, cfg.lr * 2)
     lr_ax.grid(False)
-    curve_ax.legend(loc="center left", fontsize=7)
-    curve_ax.set_title(f"(b) robust accuracy during training; {common.BAND_CAPTION}")
-    fig.suptitle(f"Late adversarial training: {cfg.dataset}, {cfg.model} "
-                 f"{cfg.model_kwargs or ''}, PGD-{cfg.num_steps} L∞ ε = {cfg.epsilon:.3g}, "
-                 f"AT in the last {cfg.late_at_epochs} of {cfg.total_epochs} epochs, "
-                 f"seeds {', '.join(map(str, seeds))}{common.smoke_tag(scale)}", fontsize=9)
+    handles = curve_ax.get_legend_handles_labels()
+    extra = lr_ax.get_legend_handles_labels()
+    curve_ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", fontsize=7,
+                    bbox_to_anchor=(0.0, 0.86))
+    curve_ax.set_title(f"(b) robust accuracy during training\n{common.BAND_CAPTION}")
+    fig.suptitle(f"Late adversarial training: {cfg.dataset}, {_model_name(cfg)}, "
+                 f"PGD-{cfg.num_steps} L∞ ε = {cfg.epsilon:.3g}, AT in the last "
+                 f"{cfg.late_at_epochs} of {cfg.total_epochs} epochs, seeds "
+                 f"{', '.join(map(str, seeds))}{common.smoke_tag(scale)}", fontsize=10)
+    fig.tight_layout()
     return common.save_figure(fig, path)
 
 
@@ -467,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     results = run_experiment(args.scale, args.workdir, args.seeds)
     cfg = SCALE_PRESETS[args.scale]
-    print(f"\n{cfg.dataset}, {cfg.model} {cfg.model_kwargs}, PGD-{cfg.num_steps} ε = {cfg.epsilon:.3g}; "
+    print(f"\n{cfg.dataset}, {_model_name(cfg)}, PGD-{cfg.num_steps} ε = {cfg.epsilon:.3g}; "
           f"AT in the last {cfg.late_at_epochs} of {cfg.total_epochs} epochs; "
           f"mean ± 95 % t-interval over seeds")
     print(results["table"])
