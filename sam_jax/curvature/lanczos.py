@@ -90,10 +90,14 @@ def lanczos_memory(dim: int, num_steps: int, dtype: Any = np.float32, basis_memo
     """Bytes the Lanczos run itself holds, excluding the operator (params, batches,
     HVP activations), for ``lanczos_tridiagonal(..., basis_memory=...)``.
 
-    ``"device"``: the basis ``(num_steps + 1) × dim`` plus two work vectors (the
-    product and the residual) on the device. ``"host"``: the same basis plus three work
-    vectors on the host; on the device only the vector being multiplied and its
-    product (two vectors), whatever ``num_steps``.
+    ``"device"``: the basis ``(num_steps + 1) × dim`` plus four vectors on the device
+    while a product is formed (the vector, its product, the previous product and a
+    step temporary). ``"host"``: the same basis plus three work vectors on the host;
+    on the device three vectors (the vector sent, a cast of it, its product),
+    whatever ``num_steps``. The vector counts are what ``jax.live_arrays()`` shows
+    during a run (tests/test_curvature_lanczos_host.py); the operator's own memory
+    (params, batches, HVP activations; a data-parallel operator's replicated copies)
+    comes on top.
 
     Returns:
       ``{"device": bytes, "host": bytes, "basis": bytes}`` (all ints).
@@ -103,8 +107,8 @@ def lanczos_memory(dim: int, num_steps: int, dtype: Any = np.float32, basis_memo
     vector = int(dim) * np.dtype(dtype).itemsize
     basis = (int(num_steps) + 1) * vector
     if basis_memory == "device":
-        return {"device": basis + 2 * vector, "host": 0, "basis": basis}
-    return {"device": 2 * vector, "host": basis + 3 * vector, "basis": basis}
+        return {"device": basis + 4 * vector, "host": 0, "basis": basis}
+    return {"device": 3 * vector, "host": basis + 3 * vector, "basis": basis}
 
 
 def resolve_dtype(accumulate_dtype: Any, operator_dtype: Any, host: bool = False) -> jnp.dtype:
