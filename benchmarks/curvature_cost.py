@@ -1,6 +1,7 @@
 """Cost of the curvature toolkit: HVP vs gradient, Lanczos vs power iteration.
 
-Run: ``python -m benchmarks.curvature_cost`` (≈ 2–4 min on a shared 2-core CPU).
+Run: ``python -m benchmarks.curvature_cost`` (≈ 15 min on the shared 2-core CPU
+under load; ``--devices 0`` skips part 3, ``--seeds`` sets the repeats).
 
 1. HVP time / gradient time (both jitted, timed after compilation, median of 50
    interleaved calls) for an MLP and a small CNN on a batch of 256 sklearn digits
@@ -8,22 +9,36 @@ Run: ``python -m benchmarks.curvature_cost`` (≈ 2–4 min on a shared 2-core C
    ≈ 2–3).
 2. A small CNN trained briefly with SGD on digits; over all 1,797 images (4
    batches, the last one shorter; mean loss, no BatchNorm): Hessian-vector products
-   and wall time until the top-1 and top-2 eigenvalues are within 1e-3 relative of
-   a reference (Lanczos with 100 steps), for
+   and wall time until the top-1, top-2 and top-5 eigenvalues are within 1e-3
+   relative of a reference (Lanczos with 100 steps), for
      * Lanczos — the first step whose top Ritz values are within 1e-3 (read off the
        leading blocks of T), and Lanczos stopped by its own residual estimate
        (``tol=1e-3``, needs no reference);
      * power iteration with deflation — PyHessian's rule (relative change < 1e-3,
        ≤ 100 iterations per eigenvalue) and the first iterates that are truly
-       within 1e-3.
-   Mean over 3 seeds of the start vector; times exclude compilation.
+       within 1e-3 (from one long run per seed: relative change < 1e-6, ≤ 200
+       iterations per eigenvalue; time = HVPs × the PyHessian-rule run's seconds
+       per HVP).
+   Medians over repeats (seeds of the start vector; default 3); within a repeat
+   the methods run one after the other for k = 1, 2, 5, so load from other
+   processes hits all of them alike. Times exclude compilation.
+3. The same dataset Hessian on 4 simulated CPU devices (a subprocess with
+   ``jax_num_cpu_devices=4``): the data-parallel operator (``mesh=``, each batch
+   split over the devices, the short last batch padded with masked examples) vs
+   the single-device operator in the same process — dataset HVP time (median of
+   interleaved calls), their largest difference, and Lanczos top-2 (tol=1e-3).
+   Simulated devices share the 2 cores, so this measures overhead, not speed-up.
 
 The models are defined here (not imported from ``sam_jax.models``) so the numbers
 depend only on the curvature toolkit.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -38,6 +53,9 @@ from sam_jax.curvature.hvp import batch_hvp, batch_loss_and_grad
 
 TOLERANCE = 1e-3
 SEEDS = (0, 1, 2)
+TOP_KS = (1, 2, 5)
+DECOMPOSITION_STEPS = 100  # per seed, to read off the first step within 1e-3
+POWER_LONG_RUN = 200  # iterations per eigenvalue of the "first iterates within 1e-3" run
 
 
 class MLP(nn.Module):
@@ -124,14 +142,6 @@ def steps_until(histories, references, tol=TOLERANCE):
     return None
 
 
-def timed(fn):
-    """Wall time of ``fn()`` after one untimed call (compilation excluded)."""
-    fn()
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def relative_error(values, references):
     return float(np.max(np.abs(np.asarray(values) - references) / np.abs(references)))
 
@@ -143,43 +153,104 @@ def trained_cnn_operator(data):
     return curvature.HessianOperator(loss_fn, params, batches)
 
 
-def lanczos_vs_power(operator, top_k):
-    """HVPs / time / error to get the top-k eigenvalues to 1e-3, for each method."""
-    reference = curvature.lanczos_eigs(operator, top_k=top_k, num_steps=100, seed=123)
-    lams = reference.eigenvalues
-    rows = {"lanczos_exact": [], "lanczos_tol": [], "power_pyhessian": [], "power_exact": []}
-    for seed in SEEDS:
-        decomposition = curvature.lanczos_tridiagonal(operator, 80, seed=seed)
+def timed(fn):
+    """Wall time of ``fn()`` after one untimed call (compiles the shape-dependent
+    eager operations, e.g. forming Ritz vectors from a basis of a new length)."""
+    fn()
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def lanczos_vs_power(operator, seeds=SEEDS, top_ks=TOP_KS):
+    """HVPs / time / error to get the top-k eigenvalues to 1e-3, for each method and k.
+
+    Returns ``(reference EigenResult, rows)`` with ``rows[k][method]`` a list of
+    ``(hvps, seconds, max relative error)`` per seed.
+    """
+    kmax = max(top_ks)
+    reference = curvature.lanczos_eigs(operator, top_k=kmax, num_steps=100, seed=123)
+    # Compile power iteration once, outside the timings (its shapes do not change);
+    # each Lanczos call is timed after an untimed identical call.
+    curvature.power_iteration(operator, kmax, max_iters=2, seed=99, compute_residuals=False)
+    methods = ("lanczos_exact", "lanczos_tol", "power_pyhessian", "power_exact")
+    rows = {k: {m: [] for m in methods} for k in top_ks}
+    for seed in seeds:
+        decomposition = curvature.lanczos_tridiagonal(operator, DECOMPOSITION_STEPS, seed=seed)
         ritz = [decomposition.ritz(j)[0][::-1] for j in range(1, decomposition.num_steps + 1)]
-        histories = [[r[i] if len(r) > i else np.inf for r in ritz] for i in range(top_k)]
-        steps = steps_until(histories, lams)
-        result, seconds = timed(
-            lambda: curvature.lanczos_eigs(operator, top_k, num_steps=steps, seed=seed, compute_residuals=False)
-        )
-        rows["lanczos_exact"].append((result.num_hvps, seconds, relative_error(result.eigenvalues, lams)))
-        result, seconds = timed(
-            lambda: curvature.lanczos_eigs(
-                operator, top_k, num_steps=80, seed=seed, tol=TOLERANCE, compute_residuals=False
-            )
-        )
-        rows["lanczos_tol"].append((result.num_hvps, seconds, relative_error(result.eigenvalues, lams)))
-        result, seconds = timed(
-            lambda: curvature.power_iteration(operator, top_k, seed=seed, compute_residuals=False)
-        )
-        rows["power_pyhessian"].append((result.num_hvps, seconds, relative_error(result.eigenvalues, lams)))
-        seconds_per_hvp = seconds / result.num_hvps
-        # Without a stopping rule: iterate long, then count the iterations each
-        # deflated eigenvalue needed to come within 1e-3 of its reference.
         long_run = curvature.power_iteration(
-            operator, top_k, seed=seed, tol=1e-6, max_iters=200, compute_residuals=False
+            operator, kmax, seed=seed, tol=1e-6, max_iters=POWER_LONG_RUN, compute_residuals=False
         )
-        needed = [steps_until([history], [lam]) for history, lam in zip(long_run.history, lams)]
-        total = sum(n if n is not None else np.nan for n in needed)
-        rows["power_exact"].append((total, total * seconds_per_hvp, TOLERANCE))
-    return lams, reference, operator, rows
+        needed = [steps_until([history], [lam]) for history, lam in zip(long_run.history, reference.eigenvalues)]
+        for k in top_ks:
+            lams = reference.eigenvalues[:k]
+            histories = [[r[i] if len(r) > i else np.inf for r in ritz] for i in range(k)]
+            steps = steps_until(histories, lams)
+            if steps is None:
+                rows[k]["lanczos_exact"].append((np.nan, np.nan, np.nan))
+            else:
+                result, seconds = timed(lambda: curvature.lanczos_eigs(
+                    operator, k, num_steps=steps, seed=seed, compute_residuals=False))
+                rows[k]["lanczos_exact"].append((result.num_hvps, seconds, relative_error(result.eigenvalues, lams)))
+            result, seconds = timed(lambda: curvature.lanczos_eigs(
+                operator, k, num_steps=80, seed=seed, tol=TOLERANCE, compute_residuals=False))
+            rows[k]["lanczos_tol"].append((result.num_hvps, seconds, relative_error(result.eigenvalues, lams)))
+            result, seconds = timed(lambda: curvature.power_iteration(
+                operator, k, seed=seed, compute_residuals=False))
+            rows[k]["power_pyhessian"].append((result.num_hvps, seconds, relative_error(result.eigenvalues, lams)))
+            # Deflation solves the eigenvalues one after the other with seeds seed + i,
+            # so the first k solves of the long top-5 run are those of a top-k run.
+            total = sum(n if n is not None else np.nan for n in needed[:k])
+            rows[k]["power_exact"].append((total, total * seconds / result.num_hvps, TOLERANCE))
+    return reference, rows
 
 
-def main():
+def median(values):
+    values = [v for v in values if not np.isnan(v)]
+    return statistics.median(values) if values else np.nan
+
+
+def parallel_part(num_devices, repeats=10):
+    """Part 3, run in a process with ``num_devices`` simulated CPU devices."""
+    data = digits()
+    single = trained_cnn_operator(data)
+    loss_fn, params = single.loss_fn, single.params
+    batches = [{k: v[i : i + 512] for k, v in data.items()} for i in range(0, len(data["y"]), 512)]
+    parallel = curvature.HessianOperator(loss_fn, params, batches, mesh=curvature.data_mesh(num_devices))
+    vector = curvature.lanczos.start_vector(single.dim, 0, single.dtype)
+    single_time, parallel_time = interleaved_median_times(
+        [(single.matvec_flat, (vector,)), (parallel.matvec_flat, (vector,))], repeats=repeats
+    )
+    a, b = np.asarray(single.matvec_flat(vector)), np.asarray(parallel.matvec_flat(vector))
+    difference = float(np.abs(a - b).max() / np.abs(a).max())
+    eigs = {}
+    for name, operator in (("single", single), ("parallel", parallel)):
+        eigs[name] = timed(lambda: curvature.lanczos_eigs(
+            operator, 2, num_steps=80, seed=0, tol=TOLERANCE, compute_residuals=False))
+    print(f"\n## Data-parallel operator: {num_devices} simulated CPU devices vs one "
+          f"({single.num_examples:.0f} digits in {single.num_batches} batches of ≤ 512; the last, "
+          f"261, padded to {261 + (-261) % num_devices} with masked examples)\n")
+    print(f"max |H_parallel v − H_single v| / max |H_single v| = {difference:.1e} (float32)\n")
+    print("| operator | dataset HVP (ms, median of "
+          f"{repeats} interleaved) | Lanczos top-2, tol=1e-3: HVPs | time (s) | λ₁, λ₂ |")
+    print("|---|---:|---:|---:|---|")
+    for name, seconds in (("single device", single_time), (f"{num_devices} devices (mesh=)", parallel_time)):
+        result, lanczos_seconds = eigs["single" if name == "single device" else "parallel"]
+        print(f"| {name} | {seconds * 1e3:.0f} | {result.num_hvps} | {lanczos_seconds:.2f} | "
+              f"{np.array2string(result.eigenvalues, precision=5)} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="repeats (start-vector seeds)")
+    parser.add_argument("--top-ks", default=",".join(map(str, TOP_KS)), help="comma-separated k values")
+    parser.add_argument("--devices", type=int, default=4, help="simulated devices for part 3 (0: skip)")
+    parser.add_argument("--parallel-part", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.parallel_part:
+        jax.config.update("jax_num_cpu_devices", args.parallel_part)
+        parallel_part(args.parallel_part)
+        return
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
     data = digits()
     print("\n## HVP cost (batch 256 of sklearn digits, jitted, median of 50 interleaved calls)\n")
@@ -192,26 +263,40 @@ def main():
     labels = {
         "lanczos_exact": "Lanczos, first step within 1e-3",
         "lanczos_tol": "Lanczos, own stopping rule (tol=1e-3)",
-        "power_pyhessian": "power iteration + deflation, PyHessian rule (Δ<1e-3, ≤100 it.)",
-        "power_exact": "power iteration + deflation, first iterates within 1e-3 (time: × s/HVP)",
+        "power_pyhessian": "power + deflation, PyHessian rule (Δ<1e-3, ≤100 it.)",
+        "power_exact": "power + deflation, first iterates within 1e-3 (time: HVPs × s/HVP)",
     }
     operator = trained_cnn_operator(data)
-    for top_k in (1, 2):
-        lams, reference, operator, rows = lanczos_vs_power(operator, top_k)
-        print(
-            f"\n## Top-{top_k} eigenvalue(s) of the trained CNN to {TOLERANCE:g} relative "
-            f"({operator.num_examples:.0f} digits in {operator.num_batches} batches, mean loss)\n"
-        )
-        print(
-            f"reference (Lanczos, 100 steps): λ = {np.array2string(lams, precision=5)}, "
-            f"residuals ‖Hv−λv‖ = {np.array2string(reference.residual_norms, precision=2)}\n"
-        )
-        print("| method | HVPs (mean of 3 seeds) | time (s) | max rel. error |")
-        print("|---|---:|---:|---:|")
+    seeds = tuple(range(args.seeds))
+    reference, rows = lanczos_vs_power(operator, seeds, tuple(int(k) for k in args.top_ks.split(",")))
+    print(
+        f"\n## Top-k eigenvalues of the trained CNN to {TOLERANCE:g} relative "
+        f"({operator.num_examples:.0f} digits in {operator.num_batches} batches, mean loss, "
+        f"{operator.dim:,} parameters)\n"
+    )
+    print(
+        f"reference (Lanczos, 100 steps): λ = {np.array2string(reference.eigenvalues, precision=5)}, "
+        f"residuals ‖Hv−λv‖ = {np.array2string(reference.residual_norms, precision=2)}\n"
+    )
+    print(f"| k | method | HVPs (median of {len(seeds)}) | time (s, median) | max rel. error (median) |")
+    print("|---:|---|---:|---:|---:|")
+    for k, by_method in rows.items():
         for key, label in labels.items():
-            hvps, seconds, errors = zip(*rows[key])
-            error = "≤ 1e-3" if key == "power_exact" else f"{np.mean(errors):.1e}"
-            print(f"| {label} | {np.mean(hvps):.1f} | {np.mean(seconds):.2f} | {error} |")
+            hvps, seconds, errors = zip(*by_method[key])
+            error = "≤ 1e-3" if key == "power_exact" else f"{median(errors):.1e}"
+            missing = sum(np.isnan(h) for h in hvps)
+            note = f" ({missing} of {len(hvps)} not within {POWER_LONG_RUN} it.)" if missing else ""
+            print(f"| {k} | {label}{note} | {median(hvps):.0f} | {median(seconds):.2f} | {error} |")
+    ratios = {k: median([p[0] for p in rows[k]["power_pyhessian"]]) / median([l[0] for l in rows[k]["lanczos_exact"]])
+              for k in rows}
+    print("\npower (PyHessian rule) HVPs / Lanczos (first step within 1e-3) HVPs: "
+          + ", ".join(f"top-{k} {r:.1f}×" for k, r in ratios.items()))
+
+    if args.devices > 1:
+        sys.stdout.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        subprocess.run([sys.executable, "-m", "benchmarks.curvature_cost", "--parallel-part",
+                        str(args.devices)], check=True, env=env)
 
 
 if __name__ == "__main__":
