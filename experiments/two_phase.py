@@ -22,23 +22,29 @@ So log-loss moves by ``2 log|1 − η a_B h (…)|`` per step, whose mean over b
 Lyapunov exponent, computed exactly here by enumerating every batch) decides
 stability. SGD started just above its edge ``h*_SGD`` catapults (v grows, |u| shrinks)
 and settles just below it; there ``h > h*_USAM``, so USAM escapes at the exact rate
-``λ(h) = E_B 2 log|1 − η a_B h (1 + ρ a_B h)| > 0`` (the fit on the simulated log-loss
-is compared with it), and because USAM never increases |u| (each step multiplies u by
+``r(h) = E_B 2 log|1 − η a_B h (1 + ρ a_B h)| > 0`` per step, i.e. the loss grows like
+``C^t'`` with ``C = e^r`` (the fit on the simulated log-loss is compared with it), and
+because USAM never increases |u| (each step multiplies u by
 ``1 − η a_B (1 + ρ a_B v²) v'²`` with v' the perturbed v, in (0, 1) here) it can only
 come to rest at ``h < h*_USAM < h_SGD``: a flatter minimum on the same line M.
 
-The same escape curve is then measured on a small network (an MLP on scikit-learn's
-digits, squared loss as in the theory) trained to convergence with SGD and switched to
-SAM or USAM (``sam_jax.sam`` / ``sam_jax.usam`` chained with ``optax.sgd``).
+The same escape is then measured on a small network, averaged over many trials as the
+paper's Fig. 4b (100 trials there): an MLP on scikit-learn's digits, squared loss as
+in the theory, trained to convergence with plain SGD and switched to SAM or USAM
+(``sam_jax.sam`` / ``sam_jax.usam`` chained with ``optax.sgd``) or kept on SGD (the
+control). Every trial (its own initialization and minibatch stream) runs in one
+``vmap`` over trials of a ``lax.scan`` over steps; λ_max of each trial's full-batch
+Hessian is measured by Lanczos (``sam_jax.curvature.HessianOperator`` +
+``lanczos_eigs``). The escape rate is fitted per trial (slope r of the log-loss over
+the first half of its rise) and reported as the mean with its 95 % t-interval over
+trials, with ``C = e^r``.
 
 Command::
 
-    python -m experiments.two_phase --scale cpu --workdir runs/two_phase
+    python -m experiments.two_phase --scale cpu --workdir runs/two_phase_cpu
 
-Runtime on a 2-core CPU: tiny ~17 s, cpu ~1.3 min (the toy alone ~5 s).
-Result (cpu, seeds 0-2): toy escape rate 0.995 ± 0.008 per step (exact 0.987), 1+u²
-19.13 → 8.67, all 300 trials flatter; MLP: loss rises ×e^3.4 (SAM) and ×e^2.6 (USAM)
-then settles, λ_max 3.70 (SGD) → 2.76 (SAM) / 3.32 (USAM). docs/experiments.md.
+Runtime on the shared 2-core CPU: tiny ~20 s (smoke test); cpu see docs/experiments.md
+(toy ~5 s; network: 3 seeds × 20 trials). Result: docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -269,51 +275,115 @@ def toy_summary(cfg: ToyConfig, run: dict) -> dict:
     }
 
 
-def plot_toy(cfg: ToyConfig, run: dict, edges: dict, path) -> str:
+def fit_trials(log_losses: np.ndarray) -> dict:
+    """Per-trial escape fits (``fit_escape_rate``) → rate r and C = e^r with a 95 % t-CI.
+
+    Args:
+      log_losses: (trials, steps) log of the loss after the switch.
+
+    Returns:
+      ``{"rate": mean_std of r, "rate_ci": half-width, "C": e^mean r,
+      "C_ci": [e^(mean−ci), e^(mean+ci)], "rise": mean_std of the rise}``.
+    """
+    fits = [fit_escape_rate(row) for row in log_losses]
+    rates = [f["rate"] for f in fits]
+    half = common.ci_half_width(rates)
+    stats = common.mean_std(rates)
+    return {"rate": stats, "rate_ci": half, "C": float(np.exp(stats["mean"])),
+            "C_ci": [float(np.exp(stats["mean"] - half)), float(np.exp(stats["mean"] + half))],
+            "rise": common.mean_std(f["rise"] for f in fits)}
+
+
+def _seeds_text(seeds) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _log_ylim(curves, pad_decades: float = 0.5):
+    """Log-axis limits spanning the plotted data (not a fit's extrapolation)."""
+    values = np.concatenate([np.ravel(c) for c in curves])
+    values = values[np.isfinite(values) & (values > 0)]
+    lo, hi = np.log10(values.min()), np.log10(values.max())
+    return 10 ** (lo - pad_decades), 10 ** (hi + pad_decades)
+
+
+def plot_toy(cfg: ToyConfig, run: dict, edges: dict, path, seed: int) -> str:
     """Fig. 4a: the SGD then USAM path over the contours of L(u, v)."""
+    import matplotlib
+
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     path_sgd, path_sam = run["path_sgd"], run["path_sam"]
     both = np.concatenate([path_sgd, path_sam])
     vmax = max(1.2 * np.abs(both[:, 1]).max(), 1e-3)
     uu, vv = np.meshgrid(np.linspace(0, cfg.u0 * 1.1, 300), np.linspace(-vmax, vmax, 300))
     levels = np.geomspace(1e-4, max(_toy_loss(uu, vv, 1.0).max(), 1e-3), 20)
-    ax.contourf(uu, vv, _toy_loss(uu, vv, 1.0), levels=levels, cmap="Greys_r",
-                norm=__import__("matplotlib").colors.LogNorm())
+    contours = ax.contourf(uu, vv, _toy_loss(uu, vv, 1.0), levels=levels, cmap="Greys_r",
+                           norm=matplotlib.colors.LogNorm())
+    fig.colorbar(contours, ax=ax, label="L(u, v)", format="%.0e")
     ax.axhline(0, color="gray", lw=2, label="minima M = {v = 0}")
-    ax.plot(path_sgd[:, 0], path_sgd[:, 1], "-", color="tab:blue", lw=0.8, label="SGD")
-    ax.plot(path_sam[:, 0], path_sam[:, 1], "-", color="tab:orange", lw=0.8, label="USAM")
-    ax.plot(*path_sgd[-1], "o", color="tab:blue", label="θ_SGD end")
-    ax.plot(*path_sam[-1], "*", color="tab:orange", ms=12, label="θ_SGD→SAM end")
+    ax.plot(path_sgd[:, 0], path_sgd[:, 1], "-", color=common.PALETTE[0], lw=0.8, label="SGD")
+    ax.plot(path_sam[:, 0], path_sam[:, 1], "-", color=common.PALETTE[1], lw=0.8, label="USAM")
+    ax.plot(*path_sgd[-1], "o", color=common.PALETTE[0], label="end of SGD (switch)")
+    ax.plot(*path_sam[-1], "*", color=common.PALETTE[1], ms=12, label="end of USAM")
     for name, h, style in (("SGD edge", edges["h_edge_sgd"], ":"),
                            ("USAM edge", edges["h_edge_usam"], "--")):
         ax.axvline(np.sqrt(h - 1.0), color="k", ls=style, lw=0.8, label=f"{name} (1+u²={h:.1f})")
     ax.set_xlabel("u  (sharpness on M is 1 + u²)")
     ax.set_ylabel("v")
-    ax.set_title("Example 4.1: SGD then USAM (one trial)")
+    ax.set_title(f"Example 4.1: SGD then USAM, one trial (seed {seed}); "
+                 f"η = {cfg.lr}, ρ = {cfg.rho}, batch {cfg.batch_size} of {cfg.num_components}")
     ax.legend(fontsize=7, loc="upper left")
     return common.save_figure(fig, path)
 
 
-def plot_escape(curves: dict, path, title: str) -> str:
-    """Fig. 4b: semi-log train loss vs steps after the switch, with the fitted rate."""
+def plot_escape(ax, log_losses: np.ndarray, label: str, color, fit_on_mean: dict | None,
+                per_trial: dict | None):
+    """One variant on a semi-log axis: geometric mean over trials with its 95 % t-band
+    (in log space), and, if given, the fitted escape C^t' over its fit window."""
+    t = np.arange(log_losses.shape[1])
+    mean = log_losses.mean(axis=0)
+    half = np.array([common.ci_half_width(log_losses[:, j]) for j in t])
+    ax.semilogy(t, np.exp(mean), color=color, lw=1.5, label=label)
+    ax.fill_between(t, np.exp(mean - half), np.exp(mean + half), color=color, alpha=0.2, lw=0)
+    if fit_on_mean and fit_on_mean["rise"] > 0:
+        window = np.arange(fit_on_mean["window"][1] + 1)
+        text = (f"fit: C = e^r = {per_trial['C']:.2f} [{per_trial['C_ci'][0]:.2f}, "
+                f"{per_trial['C_ci'][1]:.2f}] per step" if per_trial else
+                f"fit: C = e^r = {fit_on_mean['C']:.2f} per step")
+        ax.semilogy(window, np.exp(fit_on_mean["intercept"] + fit_on_mean["rate"] * window),
+                    "--", color=color, lw=1.2, dashes=(3, 1.5), alpha=0.9, label=f"  {text}")
+    return np.exp(mean - half), np.exp(mean + half)
+
+
+def plot_toy_escape(cfg: ToyConfig, runs: dict, summaries: dict, path, seeds, scale) -> str:
+    """Fig. 4b (toy): log-loss after the switch to USAM, all seeds' trials pooled."""
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        mean_loss = np.asarray(curve["mean_loss"])
-        mean_log = np.asarray(curve["mean_log_loss"])
-        line, = ax.semilogy(np.arange(len(mean_loss)), mean_loss, label=label)
-        ax.semilogy(np.exp(mean_log), ":", color=line.get_color(), lw=1,
-                    label="  geometric mean (fitted)")
-        fit = curve.get("fit")
-        if fit and fit["rise"] > 0:
-            t = np.arange(fit["window"][1] + 1)
-            ax.semilogy(t, np.exp(fit["intercept"] + fit["rate"] * t), "--", color="k",
-                        lw=1, label=f"  fit: loss ∝ C^t', C = {fit['C']:.3f}")
-    ax.set_xlabel("steps t' after switching to SAM")
-    ax.set_ylabel("train loss")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    logs = np.concatenate([safe_log(runs[s]["loss_after_switch"]) for s in seeds])
+    fit = fit_escape_rate(logs.mean(axis=0))
+    agg = common.aggregate_seeds(list(summaries.values()))
+    per_trial = fit_trials(logs)
+    lo, hi = plot_escape(ax, logs, f"USAM after SGD, geometric mean of {len(logs)} trials",
+                         common.PALETTE[1], fit, per_trial)
+    rate = agg["escape_rate_exact"]["mean"]
+    window = np.arange(fit["window"][1] + 1)
+    ax.semilogy(window, np.exp(fit["intercept"] + rate * window), ":", color="k", lw=1,
+                label=f"  exact rate (linear stability): C = e^r = {np.exp(rate):.2f}")
+    # The return onto M continues far below (the loss underflows towards 0): show the
+    # escape and the return to the switch level, 10 decades below the switch at most.
+    bottom, top = _log_ylim([lo, hi])
+    floor = float(np.exp(logs[:, 0].mean())) * 1e-10
+    if bottom < floor:
+        bottom = floor
+        ax.text(0.99, 0.02, "the mean continues below the axis (convergence onto M)",
+                transform=ax.transAxes, ha="right", fontsize=7, color="gray")
+    ax.set_ylim(bottom, top)
+    ax.set_xlabel("USAM steps t' after the switch")
+    ax.set_ylabel("train loss L (log scale)")
+    ax.set_title(f"Example 4.1: loss after switching SGD → USAM ({_seeds_text(seeds)}){common.smoke_tag(scale)}\n"
+                 f"band: 95 % t-interval over trials (of log L); C = e^r, r = fitted "
+                 f"slope of log L", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
     return common.save_figure(fig, path)
 
 
@@ -321,19 +391,22 @@ def plot_escape(curves: dict, path, title: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
-    """Small-network escape experiment: SGD to convergence, then SAM / USAM.
+    """Small-network escape experiment: SGD to convergence, then SAM / USAM / SGD.
 
     Attributes:
       width, depth: hidden units per layer and hidden layers of ``sam_jax.models`` mlp.
       train_size: digits examples used (the rest of the 1,797 are unused).
-      lr, batch_size: SGD (no momentum, as in the theory). With lr 0.5 SGD settles
-        at λ_max ≈ 3.8, just under its edge 2/η = 4 (measured, seed 0).
+      lr, batch_size: plain SGD (no momentum, as in the theory); chosen by us. With
+        lr 0.5 SGD settles at λ_max ≈ 3.7, just under its edge 2/η = 4.
       sgd_steps: steps before the switch (enough for the train loss to plateau).
       sam_steps: steps after the switch; the full train loss is logged every step.
-      rho_sam, rho_usam: radii after the switch (0 disables that variant). USAM's
-        edge is η λ (1 + ρ λ) = 2, so ρ = 0.05 makes λ ≈ 3.8 unstable (factor ≈ 1.27
-        per step) without blowing up; larger ρ (0.2) diverged in our trials.
+      rho_sam, rho_usam: radii after the switch (0 disables that variant); chosen by
+        us. USAM's edge is η λ (1 + ρ λ) = 2, so ρ = 0.05 makes λ ≈ 3.7 unstable
+        (factor ≈ 1.27 per step) without blowing up; 0.2 diverged in our trials.
       loss: "mse" on one-hot targets (the theory's squared loss) or "ce".
+      trials: independent trials per seed (own init and minibatch stream), run in
+        one vmap; the paper's Fig. 4b averages 100.
+      lanczos_steps: Lanczos steps per λ_max measurement.
     """
 
     width: int = 64
@@ -346,12 +419,20 @@ class NetConfig:
     rho_sam: float = 0.02
     rho_usam: float = 0.05
     loss: str = "mse"
+    trials: int = 20
+    lanczos_steps: int = 20
 
     def __post_init__(self):
         if self.loss not in ("mse", "ce"):
             raise ValueError(f"loss must be 'mse' or 'ce', got {self.loss!r}")
         if self.lr <= 0 or min(self.rho_sam, self.rho_usam) < 0:
             raise ValueError("need lr > 0 and non-negative rho")
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+
+    def variants(self) -> tuple[str, ...]:
+        """The runs after the switch: the SGD control, then SAM / USAM if enabled."""
+        return ("sgd",) + (("sam",) if self.rho_sam > 0 else ()) + (("usam",) if self.rho_usam > 0 else ())
 
 
 def load_digits_subset(size: int):
@@ -365,80 +446,109 @@ def load_digits_subset(size: int):
     return x, digits.target[:size].astype(np.int32)
 
 
-def run_network(cfg: NetConfig, seed: int) -> dict:
-    """Train the MLP with SGD, then continue with SAM and with USAM from the same point.
-
-    Returns:
-      dict with ``sgd_final_loss`` and, per variant ("sam", "usam", and "sgd" —
-      SGD continued, the control), ``loss`` (full train loss after each step, index 0 =
-      at the switch) and ``lambda_max`` before/after estimated by power iteration
-      on the full-batch Hessian.
-    """
+def build_network(cfg: NetConfig) -> dict:
+    """Model, data, the jitted vmapped phases and the curvature loss (seed-free)."""
     import jax
     import jax.numpy as jnp
     import optax
 
     import sam_jax
+    from sam_jax.losses import cross_entropy
     from sam_jax.models import get_model
 
     x_np, y_np = load_digits_subset(cfg.train_size)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     model = get_model("mlp", num_classes=10, width=cfg.width, depth=cfg.depth)
-    params = model.init(jax.random.PRNGKey(seed), x[:1], train=False)["params"]
 
-    def loss_on(p, xb, yb):
-        logits = model.apply({"params": p}, xb, train=False)
+    def per_example(params, xb, yb):
+        logits = model.apply({"params": params}, xb, train=False)
         if cfg.loss == "mse":
-            return 0.5 * jnp.mean(jnp.sum((logits - jax.nn.one_hot(yb, 10)) ** 2, axis=-1))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+            return 0.5 * jnp.sum((logits - jax.nn.one_hot(yb, 10)) ** 2, axis=-1)
+        return cross_entropy(logits, yb)
 
-    full_loss = jax.jit(lambda p: loss_on(p, x, y))
+    def curvature_loss(params, batch):
+        """``(loss_sum, count)``: the curvature module's loss convention."""
+        losses = per_example(params, batch["x"], batch["y"])
+        return jnp.sum(losses), jnp.asarray(losses.shape[0], losses.dtype)
 
-    def make_step(tx):
-        @jax.jit
-        def step(p, state, key):
-            idx = jax.random.choice(key, x.shape[0], (cfg.batch_size,), replace=False)
-            xb, yb = x[idx], y[idx]
-            grad_fn = jax.grad(lambda q: loss_on(q, xb, yb))
+    full_loss = lambda p: jnp.mean(per_example(p, x, y))
+    txs = {"sgd": optax.sgd(cfg.lr),
+           "sam": optax.chain(sam_jax.sam(cfg.rho_sam), optax.sgd(cfg.lr)),
+           "usam": optax.chain(sam_jax.usam(cfg.rho_usam), optax.sgd(cfg.lr))}
+
+    def run_phase(tx, params, key, steps, log_loss):
+        def step(carry, step_key):
+            p, state = carry
+            idx = jax.random.permutation(step_key, x.shape[0])[:cfg.batch_size]
+            grad_fn = jax.grad(lambda q: jnp.mean(per_example(q, x[idx], y[idx])))
             updates, state = tx.update(grad_fn(p), state, p, grad_fn=grad_fn)
-            return optax.apply_updates(p, updates), state, full_loss(optax.apply_updates(p, updates))
-        return step
+            p = optax.apply_updates(p, updates)
+            return (p, state), (full_loss(p) if log_loss else None)
+        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
+                                           jax.random.split(key, steps))
+        return params, losses
 
-    def top_eigenvalue(p, iters=30):
-        flat, unravel = jax.flatten_util.ravel_pytree(p)
-        hvp = jax.jit(lambda vec: jax.flatten_util.ravel_pytree(
-            jax.jvp(jax.grad(full_loss), (p,), (unravel(vec),))[1])[0])
-        vec = jax.random.normal(jax.random.PRNGKey(0), flat.shape)
-        eig = 0.0
-        for _ in range(iters):
-            w = hvp(vec / jnp.linalg.norm(vec))
-            eig = float(jnp.vdot(vec / jnp.linalg.norm(vec), w))
-            vec = w
-        return eig
+    @jax.jit
+    def sgd_phase(keys):
+        """(trials,) keys → params after SGD and the full loss at the switch (vmapped)."""
+        def one(key):
+            init_key, data_key = jax.random.split(key)
+            params = model.init(init_key, x[:1], train=False)["params"]
+            params, _ = run_phase(txs["sgd"], params, data_key, cfg.sgd_steps, False)
+            return params, full_loss(params)
+        return jax.vmap(one)(keys)
 
-    sgd = optax.sgd(cfg.lr)
-    step, state = make_step(sgd), sgd.init(params)
-    key = jax.random.PRNGKey(seed + 1)
-    for _ in range(cfg.sgd_steps):
-        key, sub = jax.random.split(key)
-        params, state, _ = step(params, state, sub)
-    result = {"sgd_final_loss": float(full_loss(params)),
-              "lambda_max_sgd": top_eigenvalue(params), "variants": {}}
+    def make_after(name):
+        @jax.jit
+        def after(params, keys):
+            def one(p, key):
+                p, losses = run_phase(txs[name], p, key, cfg.sam_steps, True)
+                return p, losses
+            return jax.vmap(one)(params, keys)
+        return after
 
-    variants = {"sgd": sgd}
-    if cfg.rho_sam > 0:
-        variants["sam"] = optax.chain(sam_jax.sam(cfg.rho_sam), optax.sgd(cfg.lr))
-    if cfg.rho_usam > 0:
-        variants["usam"] = optax.chain(sam_jax.usam(cfg.rho_usam), optax.sgd(cfg.lr))
-    for name, tx in variants.items():
-        p, st, k = params, tx.init(params), jax.random.PRNGKey(seed + 2)
-        losses = [result["sgd_final_loss"]]
-        variant_step = make_step(tx)
-        for _ in range(cfg.sam_steps):
-            k, sub = jax.random.split(k)
-            p, st, loss = variant_step(p, st, sub)
-            losses.append(float(loss))
-        result["variants"][name] = {"loss": losses, "lambda_max_end": top_eigenvalue(p)}
+    return dict(model=model, batch={"x": x, "y": y}, curvature_loss=curvature_loss,
+                sgd_phase=sgd_phase, after={name: make_after(name) for name in cfg.variants()})
+
+
+def lambda_max(parts: dict, params, cfg: NetConfig) -> float:
+    """Top eigenvalue of the full-batch Hessian (mean loss) by Lanczos."""
+    from sam_jax import curvature
+
+    operator = curvature.HessianOperator(parts["curvature_loss"], params, parts["batch"])
+    return float(curvature.lanczos_eigs(operator, top_k=1, num_steps=cfg.lanczos_steps,
+                                        compute_residuals=False).eigenvalues[0])
+
+
+def run_network(parts: dict, cfg: NetConfig, seed: int) -> dict:
+    """``cfg.trials`` trials of one seed: SGD to convergence, then each variant.
+
+    Trial i uses ``fold_in(PRNGKey(seed), i)`` (split into init and minibatch keys);
+    after the switch every variant gets the same minibatch keys.
+
+    Returns:
+      dict of arrays over trials: ``sgd_final_loss``, ``lambda_max_sgd`` and, per
+      variant, ``loss`` (trials, sam_steps + 1; index 0 = at the switch) and
+      ``lambda_max_end``.
+    """
+    import jax
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
+        np.arange(cfg.trials))
+    params, switch_loss = parts["sgd_phase"](keys)
+    take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    result = {"sgd_final_loss": np.asarray(switch_loss, np.float64),
+              "lambda_max_sgd": np.array([lambda_max(parts, take(params, i), cfg)
+                                          for i in range(cfg.trials)]),
+              "variants": {}}
+    after_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    for name, after in parts["after"].items():
+        end, losses = after(params, after_keys)
+        loss = np.concatenate([result["sgd_final_loss"][:, None], np.asarray(losses, np.float64)], 1)
+        result["variants"][name] = {
+            "loss": loss,
+            "lambda_max_end": np.array([lambda_max(parts, take(end, i), cfg)
+                                        for i in range(cfg.trials)])}
     return result
 
 
@@ -446,12 +556,13 @@ def run_network(cfg: NetConfig, seed: int) -> dict:
 
 SCALE_PRESETS = {
     "tiny": dict(toy=ToyConfig(trials=20, sam_steps=60),
-                 net=NetConfig(width=16, depth=1, train_size=200, sgd_steps=300, sam_steps=40),
+                 net=NetConfig(width=16, depth=1, train_size=200, sgd_steps=300, sam_steps=40,
+                               trials=4, lanczos_steps=8),
                  seeds=(0,)),
     "cpu": dict(toy=ToyConfig(), net=NetConfig(), seeds=(0, 1, 2)),
-    # The paper's Fig. 4b is a toy-scale figure; "paper" adds trials and seeds.
-    "paper": dict(toy=ToyConfig(trials=100, sam_steps=200), net=NetConfig(sgd_steps=10000),
-                  seeds=(0, 1, 2, 3, 4)),
+    # The paper's Fig. 4b averages 100 trials; "paper" runs 100 per seed.
+    "paper": dict(toy=ToyConfig(trials=100, sam_steps=200),
+                  net=NetConfig(sgd_steps=10000, trials=100), seeds=(0, 1, 2, 3, 4)),
 }
 
 
@@ -466,65 +577,133 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
     seeds = tuple(seeds) if seeds else preset["seeds"]
     toy_cfg, net_cfg = preset["toy"], preset["net"]
     workdir = common.prepare_workdir(workdir)
+    progress = common.RunProgress(len(seeds) * (2 if network else 1), "two_phase")
     with common.Timer() as timer:
         edges = {"h_edge_sgd": stability_edge(toy_cfg, 0.0),
                  "h_edge_usam": stability_edge(toy_cfg, toy_cfg.rho)}
-        toy_runs = {seed: simulate_toy(toy_cfg, seed) for seed in seeds}
-        per_seed = {seed: toy_summary(toy_cfg, run) for seed, run in toy_runs.items()}
-        first = toy_runs[seeds[0]]
-        figures = [plot_toy(toy_cfg, first, edges, workdir / "fig4a_toy_trajectory.png")]
-        mean_log = safe_log(first["loss_after_switch"]).mean(axis=0)
-        figures.append(plot_escape(
-            {f"toy USAM, mean of {toy_cfg.trials} trials": {
-                "mean_loss": first["loss_after_switch"].mean(axis=0),
-                "mean_log_loss": mean_log, "fit": fit_escape_rate(mean_log)}},
-            workdir / "fig4b_toy_escape.png", "Example 4.1: loss after switching SGD→USAM"))
+        toy_runs, per_seed = {}, {}
+        for seed in seeds:
+            toy_runs[seed] = simulate_toy(toy_cfg, seed)
+            per_seed[seed] = toy_summary(toy_cfg, toy_runs[seed])
+            progress.finished(f"toy seed {seed}: escape rate r = "
+                              f"{per_seed[seed]['escape_rate_fit']:.3f} per step")
+        figures = [plot_toy(toy_cfg, toy_runs[seeds[0]], edges,
+                            workdir / "fig4a_toy_trajectory.png", seeds[0]),
+                   plot_toy_escape(toy_cfg, toy_runs, per_seed, workdir / "fig4b_toy_escape.png",
+                                   seeds, scale)]
+        pooled = np.concatenate([safe_log(toy_runs[s]["loss_after_switch"]) for s in seeds])
         results = {
             "toy": {"edges": edges, "per_seed": {str(s): v for s, v in per_seed.items()},
                     "aggregate": common.aggregate_seeds(list(per_seed.values())),
-                    "mean_loss_after_switch": first["loss_after_switch"].mean(axis=0)},
+                    "pooled_trial_fit": fit_trials(pooled),
+                    "mean_log_loss_after_switch": pooled.mean(axis=0)},
         }
         if network:
-            results["network"] = network_study(net_cfg, seeds, workdir, figures)
+            results["network"] = network_study(net_cfg, seeds, workdir, figures, scale, progress)
     results["claim"] = claim_verdict(results)
     config = {"toy": toy_cfg, "network": net_cfg if network else None, "seeds": seeds}
     common.write_results(workdir, "two_phase", scale, config, results, timer.seconds, figures)
+    results["wall_time_s"] = timer.seconds
     return results
 
 
-def network_study(cfg: NetConfig, seeds, workdir, figures: list) -> dict:
-    """Escape curves of the MLP for every seed, their fits, and Fig. 4b (network)."""
-    runs = {seed: run_network(cfg, seed) for seed in seeds}
-    out = {"per_seed": {}, "curves": {}}
+def network_study(cfg: NetConfig, seeds, workdir, figures: list, scale: str,
+                  progress: common.RunProgress | None = None) -> dict:
+    """Escape curves of the MLP over all trials of every seed, their fits, Fig. 4b (network)."""
+    parts = build_network(cfg)
+    runs = {}
+    for seed in seeds:
+        runs[seed] = run_network(parts, cfg, seed)
+        if progress:
+            progress.finished(f"network seed {seed} ({cfg.trials} trials)")
+    variants = cfg.variants()
+    pooled = {name: np.concatenate([runs[s]["variants"][name]["loss"] for s in seeds])
+              for name in variants}
+    lam_sgd = np.concatenate([runs[s]["lambda_max_sgd"] for s in seeds])
+    out = {"per_seed": {}, "fits": {}, "trials_total": len(lam_sgd)}
     for seed, run in runs.items():
-        entry = {"sgd_final_loss": run["sgd_final_loss"], "lambda_max_sgd": run["lambda_max_sgd"]}
+        entry = {"sgd_final_loss": float(np.mean(run["sgd_final_loss"])),
+                 "lambda_max_sgd": float(np.mean(run["lambda_max_sgd"]))}
         for name, variant in run["variants"].items():
-            fit = fit_escape_rate(safe_log(variant["loss"]))
+            fit = fit_trials(safe_log(variant["loss"]))
+            entry[f"{name}_escape_rate"] = fit["rate"]["mean"]
             entry[f"{name}_escape_C"] = fit["C"]
-            entry[f"{name}_escape_rise"] = fit["rise"]
-            entry[f"{name}_final_loss"] = variant["loss"][-1]
-            entry[f"{name}_lambda_max_end"] = variant["lambda_max_end"]
+            entry[f"{name}_escape_rise"] = fit["rise"]["mean"]
+            entry[f"{name}_final_loss"] = float(np.mean(variant["loss"][:, -1]))
+            entry[f"{name}_lambda_max_end"] = float(np.mean(variant["lambda_max_end"]))
         out["per_seed"][str(seed)] = entry
-    out["aggregate"] = common.aggregate_seeds(list(out["per_seed"].values()))
-    curves = {}
-    for name in runs[seeds[0]]["variants"]:
-        stacked = np.array([runs[s]["variants"][name]["loss"] for s in seeds])
-        mean_log = safe_log(stacked).mean(axis=0)
-        out["curves"][name] = stacked.mean(axis=0)
-        curves[f"MLP, SGD→{name.upper()} (mean of {len(seeds)} seeds)"] = {
-            "mean_loss": stacked.mean(axis=0), "mean_log_loss": mean_log,
-            "fit": fit_escape_rate(mean_log) if name != "sgd" else None}
-    figures.append(plot_escape(curves, workdir / "fig4b_network_escape.png",
-                               "MLP on digits: train loss after switching"))
+    out["lambda_max_sgd"] = {**common.mean_std(lam_sgd), "ci": common.ci_half_width(lam_sgd)}
+    for name in variants:
+        logs = safe_log(pooled[name])
+        lam_end = np.concatenate([runs[s]["variants"][name]["lambda_max_end"] for s in seeds])
+        out["fits"][name] = {
+            **fit_trials(logs),
+            "fit_on_mean": fit_escape_rate(logs.mean(axis=0)),
+            "lambda_max_end": {**common.mean_std(lam_end), "ci": common.ci_half_width(lam_end)},
+            "lambda_max_end_minus_sgd": common.paired_difference(lam_end, lam_sgd),
+            "fraction_flatter": float(np.mean(lam_end < lam_sgd)),
+            "mean_log_loss": logs.mean(axis=0),
+        }
+    for name in ("sam", "usam"):
+        if name in variants:
+            rise = lambda v: [fit_escape_rate(row)["rise"] for row in safe_log(pooled[v])]
+            out["fits"][name]["rise_minus_sgd"] = common.paired_difference(rise(name), rise("sgd"))
+            out["fits"][name]["lambda_end_minus_sgd_end"] = common.paired_difference(
+                out["fits"][name]["lambda_max_end"]["values"],
+                out["fits"]["sgd"]["lambda_max_end"]["values"])
+    figures.append(plot_network_escape(cfg, pooled, out["fits"], workdir / "fig4b_network_escape.png",
+                                       seeds, scale))
     return out
+
+
+NET_LABELS = {"sgd": "SGD continued (control)", "sam": "SGD → SAM", "usam": "SGD → USAM"}
+NET_COLORS = {"sgd": common.PALETTE[7], "sam": common.PALETTE[0], "usam": common.PALETTE[1]}
+
+
+def plot_network_escape(cfg: NetConfig, pooled: dict, fits: dict, path, seeds, scale,
+                        zoom_steps: int = 30) -> str:
+    """Fig. 4b on a network: log-scale train loss after the switch, over all trials.
+
+    (a) the first ``zoom_steps`` steps, where the escape and its fitted C^t' are
+    visible; (b) every step after the switch; shared y axis.
+    """
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True,
+                             gridspec_kw={"width_ratios": [1, 1.6]})
+    bounds = []
+    for panel, ax in enumerate(axes):
+        for name, loss in pooled.items():
+            fit = fits[name]
+            radius = {"sam": f" (ρ = {cfg.rho_sam})", "usam": f" (ρ = {cfg.rho_usam})"}.get(name, "")
+            logs = safe_log(loss)[:, : zoom_steps + 1] if panel == 0 else safe_log(loss)
+            show_fit = panel == 0 and name != "sgd"
+            lo, hi = plot_escape(ax, logs, NET_LABELS[name] + radius, NET_COLORS[name],
+                                 fit["fit_on_mean"] if show_fit else None,
+                                 fit if show_fit else None)
+            bounds += [lo, hi]
+        ax.set_xlabel(f"steps t' after the switch (η = {cfg.lr:g}, batch {cfg.batch_size})")
+    axes[0].set_ylim(*_log_ylim(bounds, 0.2))
+    axes[0].set_ylabel(f"full-batch train loss ({'squared' if cfg.loss == 'mse' else 'CE'}, log scale)")
+    axes[0].set_title(f"(a) first {zoom_steps} steps: the escape, fitted C^t' (dashed)")
+    axes[1].set_title("(b) all steps: back down to a flatter minimum")
+    axes[0].legend(fontsize=7, loc="upper right")
+    n = len(next(iter(pooled.values())))
+    fig.suptitle(f"Fig. 4b on a network: MLP {cfg.depth}×{cfg.width} on {cfg.train_size} digits, "
+                 f"{n} trials ({_seeds_text(seeds)}){common.smoke_tag(scale)}\n"
+                 f"line: geometric mean over trials; band: 95 % t-interval over trials (of log "
+                 f"loss); C = e^r, r = per-trial fitted slope of log loss, [95 % CI]", fontsize=9)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
 
 
 def claim_verdict(results: dict) -> dict:
     """Did the two phases appear? Escape (rate > 0) and a flatter end, per part.
 
-    Toy: the fitted escape rate is positive and every trial ends flatter. Network:
-    the log-loss rise after the switch exceeds twice that of the SGD control, and
-    λ_max at the end is below SGD's at the switch and at the control's end.
+    Toy: the fitted escape rate is positive in every seed and every trial ends
+    flatter. Network (all trials pooled, paired 95 % t-intervals over trials): the
+    log-loss rise after the switch exceeds the SGD control's (CI above 0), the fitted
+    rate's CI lies above 0 (C > 1), and λ_max at the end is below SGD's at the switch
+    and below the control's at its end (CIs below 0).
     """
     toy = results["toy"]["per_seed"].values()
     verdict = {
@@ -532,38 +711,80 @@ def claim_verdict(results: dict) -> dict:
         "toy_all_trials_flatter": all(s["fraction_flatter"] == 1.0 for s in toy),
     }
     if "network" in results:
-        net = results["network"]["per_seed"].values()
+        fits = results["network"]["fits"]
         for name in ("sam", "usam"):
-            if all(f"{name}_escape_rise" in s for s in net):
-                # Against the control (SGD continued from the same point): the loss
-                # rises more than twice as much, and λ_max ends below both SGD values.
-                verdict[f"network_{name}_loss_rises_all_seeds"] = all(
-                    s[f"{name}_escape_rise"] > 2 * max(s.get("sgd_escape_rise", 0.0), 0.0)
-                    for s in net)
-                verdict[f"network_{name}_flatter_all_seeds"] = all(
-                    s[f"{name}_lambda_max_end"]
-                    < min(s["lambda_max_sgd"], s.get("sgd_lambda_max_end", np.inf))
-                    for s in net)
+            if name in fits:
+                fit = fits[name]
+                verdict[f"network_{name}_escapes"] = bool(
+                    fit["rise_minus_sgd"]["ci_low"] > 0 and fit["rate"]["mean"] - fit["rate_ci"] > 0)
+                verdict[f"network_{name}_flatter"] = bool(
+                    fit["lambda_max_end_minus_sgd"]["ci_high"] < 0
+                    and fit["lambda_end_minus_sgd_end"]["ci_high"] < 0)
     return verdict
+
+
+def format_report(results: dict, net_cfg: NetConfig | None) -> str:
+    """The printed tables and verdicts (each with its criterion)."""
+    toy = results["toy"]
+    agg = toy["aggregate"]
+    yes = lambda b: "yes" if b else "no"
+    ms = lambda key, d=3: common.fmt_mean_std(agg[key], d)
+    pooled = toy["pooled_trial_fit"]
+    lines = ["Toy (Example 4.1): mean ± std over seeds; r = fitted slope of the mean log-loss "
+             "(per step), C = e^r",
+             common.format_table(
+                 ["quantity", "value"],
+                 [["SGD edge h*_SGD / USAM edge h*_USAM",
+                   f"{toy['edges']['h_edge_sgd']:.2f} / {toy['edges']['h_edge_usam']:.2f}"],
+                  ["escape rate r, fit", ms("escape_rate_fit")],
+                  ["escape rate r, exact (linear stability)", ms("escape_rate_exact")],
+                  ["C = e^r, fit", ms("escape_C_fit")],
+                  ["C = e^r, per-trial fits pooled [95 % CI]",
+                   f"{pooled['C']:.3f} [{pooled['C_ci'][0]:.3f}, {pooled['C_ci'][1]:.3f}]"],
+                  ["sharpness 1+u² at the switch (SGD)", ms("h_sgd_mean", 2)],
+                  ["sharpness 1+u² after USAM", ms("h_final_mean", 2)],
+                  ["fraction of trials flatter", ms("fraction_flatter", 2)]])]
+    if "network" in results:
+        net = results["network"]
+        lines += ["", f"Network: MLP {net_cfg.depth}×{net_cfg.width}, {net['trials_total']} trials "
+                  f"pooled over seeds; mean [95 % t-interval over trials]; r = per-trial fitted "
+                  f"slope of log loss (per step), C = e^r",
+                  common.format_table(
+                      ["after the switch", "escape rate r", "C = e^r", "log-loss rise",
+                       "λ_max at end", "λ_max end − at switch"],
+                      [[NET_LABELS[name], f"{fit['rate']['mean']:.3f} ± {fit['rate_ci']:.3f}",
+                        f"{fit['C']:.3f} [{fit['C_ci'][0]:.3f}, {fit['C_ci'][1]:.3f}]",
+                        f"{fit['rise']['mean']:.2f}",
+                        f"{fit['lambda_max_end']['mean']:.3f} ± {fit['lambda_max_end']['ci']:.3f}",
+                        common.fmt_paired(fit["lambda_max_end_minus_sgd"], 3).split(" (")[0]]
+                       for name, fit in net["fits"].items()]),
+                  f"λ_max at the switch (SGD): {net['lambda_max_sgd']['mean']:.3f} ± "
+                  f"{net['lambda_max_sgd']['ci']:.3f}"]
+    claim = results["claim"]
+    lines += ["", "Verdicts:",
+              f"toy: fitted escape rate r > 0 in every seed: "
+              f"{yes(claim['toy_escape_rate_positive_all_seeds'])}",
+              f"toy: every trial ends flatter (1+u² after USAM < at the switch): "
+              f"{yes(claim['toy_all_trials_flatter'])}"]
+    for name in ("sam", "usam"):
+        if f"network_{name}_escapes" in claim:
+            lines += [
+                f"network {name.upper()}: escapes (log-loss rise − control's, paired 95 % CI "
+                f"above 0, and r's CI above 0): {yes(claim[f'network_{name}_escapes'])}",
+                f"network {name.upper()}: flatter (λ_max end − at switch and − control's end, "
+                f"paired 95 % CIs below 0): {yes(claim[f'network_{name}_flatter'])}"]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = common.build_parser(__doc__.splitlines()[0])
     parser.add_argument("--no-network", action="store_true",
                         help="toy landscape only (no JAX)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(__doc__.splitlines()[0], argv, parser)
     results = run_experiment(args.scale, args.workdir, args.seeds, network=not args.no_network)
-    agg = results["toy"]["aggregate"]
-    print(f"toy: SGD edge h*={results['toy']['edges']['h_edge_sgd']:.2f}, "
-          f"USAM edge h*={results['toy']['edges']['h_edge_usam']:.2f}")
-    print(f"toy: escape rate fit {common.fmt_mean_std(agg['escape_rate_fit'], 3)} "
-          f"vs exact {common.fmt_mean_std(agg['escape_rate_exact'], 3)} per step; "
-          f"sharpness 1+u²: SGD {common.fmt_mean_std(agg['h_sgd_mean'])} → "
-          f"USAM {common.fmt_mean_std(agg['h_final_mean'])}")
-    if "network" in results:
-        for key, stats in results["network"]["aggregate"].items():
-            print(f"network: {key} = {common.fmt_mean_std(stats, 4)}")
-    print("claim:", results["claim"])
+    print()
+    print(format_report(results, None if args.no_network else SCALE_PRESETS[args.scale]["net"]))
+    common.print_footer(args.scale, results["wall_time_s"], args.workdir)
     return results
 
 
