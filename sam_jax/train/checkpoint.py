@@ -79,21 +79,19 @@ class _DropReadOnlyNotices(logging.Filter):
 
 
 class _DropBackgroundSaveTracebacks(logging.Filter):
-    """Drops orbax's ERROR records (with tracebacks) of a failed background save.
+    """Drops orbax's ERROR records of a failed background thread (with tracebacks).
 
     The same exception is re-raised by ``wait_until_finished``, where `Checkpointer`
-    turns it into one `CheckpointWriteError` line; orbax would otherwise log the
-    traceback of each failed thread (about seven of them for a full disk).
+    turns a write failure into one `CheckpointWriteError` line (and re-raises any
+    other error as is); orbax would otherwise log the traceback of each failed
+    thread (about seven of them for a full disk).
     """
 
-    _MARKERS = ("background save thread", "Save Finalize thread", "[wait_until_finished]",
-                "Failed to run", "_thread_func", "save_finalize")
-
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if record.levelno < logging.ERROR or "orbax" not in (record.pathname or ""):
             return True
         message = record.getMessage()
-        return not any(marker in message for marker in self._MARKERS)
+        return not (record.exc_info or "[thread=" in message or "thread" in message.lower())
 
 
 logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
@@ -118,7 +116,7 @@ class CorruptCheckpointWarning(UserWarning):
     """The newest checkpoint is corrupt; the run falls back to an older intact one."""
 
 
-# Every writable Checkpointer still open, closed at interpreter exit (a run that
+# Every Checkpointer still open, closed at interpreter exit (a run that
 # raised before closing its manager otherwise ends with orbax's
 # "RuntimeError: Event loop is closed" from a thread torn down during shutdown).
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -239,9 +237,9 @@ class Checkpointer:
         self._closed = False
         self._verified: dict[int, Optional[str]] = {}  # epoch -> problem (None: intact)
         self.skipped_corrupt: list[tuple[int, str]] = []  # (epoch, why) found by latest_epoch
+        _OPEN.add(self)
         if not read_only:
             self._empty_trash()
-            _OPEN.add(self)
 
     # ----------------------------------------------------------------- queries
     def _complete(self, epoch: int) -> bool:
@@ -278,6 +276,13 @@ class Checkpointer:
         """
         epochs = self.epochs()
         latest = epochs[-1] if epochs else None
+        set_aside = self.corrupt_epochs()
+        if latest is None and set_aside:
+            raise CheckpointError(
+                f"{self.directory} holds no intact checkpoint, only corrupt ones set aside "
+                f"in {os.path.join(self.directory, CORRUPT_SUBDIR)} (epochs {set_aside}); "
+                "refusing to train from scratch over this run's history: use a new "
+                "--workdir, or remove that folder to start this one anew")
         newer = [e for e in self.incomplete_epochs() if latest is None or e > latest]
         if newer:
             step_dir = os.path.join(self.directory, str(newer[-1]))
@@ -306,6 +311,14 @@ class Checkpointer:
                 + "; ".join(f"epoch {e}: {why}" for e, why in skipped)
                 + ". Use a new --workdir to train from scratch")
         return epoch
+
+    def corrupt_epochs(self) -> list[int]:
+        """Epochs of the corrupt steps set aside in ``checkpoints/corrupt/``."""
+        folder = os.path.join(self.directory, CORRUPT_SUBDIR)
+        if not os.path.isdir(folder):
+            return []
+        return sorted({int(name.split(".")[0]) for name in os.listdir(folder)
+                       if name.split(".")[0].isdigit()})
 
     def verify(self, epoch: int) -> Optional[str]:
         """None when the checkpoint at ``epoch`` reads back intact, else what is wrong.
@@ -421,7 +434,7 @@ class Checkpointer:
                 errno.EIO: "an I/O error"}.get(code, os.strerror(code))
         self._failed = CheckpointWriteError(
             code, f"could not save the checkpoint of epoch {epoch} in {self.directory}: "
-            f"{what} ({_root_message(err)}); "
+            f"{what} ([Errno {code}] {os.strerror(code)}); "
             + (f"the newest intact checkpoint is epoch {intact[-1]} (a rerun of the same "
                f"command resumes from it once there is room)" if intact else
                "no checkpoint of this run is intact yet"), self.directory)

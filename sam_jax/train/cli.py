@@ -182,7 +182,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {category.__name__}: {message}", file=sys.stderr if file is None else file)
 
 
+def _quiet_closed_loop(hook):
+    """An unraisable-exception hook that drops orbax's late ``RuntimeError: Event
+    loop is closed`` (a tensorstore callback into the private event loop of a
+    restore that already failed and was reported); everything else goes to ``hook``."""
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(
+                info.exc_value):
+            return
+        hook(info)
+    return unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     cpu_devices = args.pop("cpu_devices")

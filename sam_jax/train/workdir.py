@@ -89,8 +89,11 @@ def check_usable(workdir: str) -> str:
             what = "the workdir" if target == path else os.path.basename(target)
             raise WorkdirError(
                 errno.EROFS if "read-only" in reason else errno.EACCES,
-                f"--workdir {path} is not writable ({what}: {reason}); a run writes "
-                "config.json, metrics.jsonl and checkpoints there, also when it resumes "
-                "or is already finished. Make it writable, or copy the run elsewhere "
-                "(load_variables reads a read-only run)", path)
+                f"--workdir {path} is not writable ({what}: {reason}); "
+                + ("a run resumed or rerun there writes config.json, metrics.jsonl and "
+                   "checkpoints, also when it is finished: make it writable, or read "
+                   "it with sam_jax.train.load_variables, which needs no write access"
+                   if os.path.exists(os.path.join(path, "config.json")) else
+                   "a run writes config.json, metrics.jsonl and checkpoints/ there: "
+                   "choose a writable --workdir"), path)
     return path
