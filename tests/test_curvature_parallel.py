@@ -130,6 +130,13 @@ def test_uneven_modes_and_the_mask_check(mesh):
     running = curvature.flax_loss_fn(model, variables, bn_mode="running")
     expected = np.asarray(curvature.HessianOperator(running, params, batches).matvec_flat(vector))
 
+    # Batches the caller committed to one device are moved to the mesh.
+    committed = [jax.device_put(b, jax.devices()[1]) for b in batches]
+    np.testing.assert_allclose(
+        curvature.HessianOperator(running, params, committed, mesh=mesh).matvec_flat(vector),
+        expected, rtol=0, atol=1e-5 * np.abs(expected).max(),
+    )
+
     # A loss that ignores batch["mask"] reports the padded count: refused, since
     # padding would change the Hessian.
     def no_mask_loss(p, batch):

@@ -274,6 +274,7 @@ class HessianOperator(LinearOperator):
             uneven = "replicate" if bn_mode == "batch" else "pad"
         self.uneven = uneven
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._sharded = NamedSharding(mesh, PartitionSpec(axis))
         self.params = jax.device_put(params, self._replicated)
         self._sharded_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, True)
         self._replicated_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, False)
@@ -308,9 +309,10 @@ class HessianOperator(LinearOperator):
         return result
 
     def _parallel_batch_hvp(self, batch: Any, vector: jax.Array):
+        # Explicit placement: also moves batches the caller committed to a device.
         size = _leading_size(batch)
         if size % self.num_devices == 0:
-            return self._sharded_hvp(self.params, batch, vector)
+            return self._sharded_hvp(self.params, jax.device_put(batch, self._sharded), vector)
         if self.uneven == "error":
             raise ValueError(
                 f"a batch of {size} examples does not split over {self.num_devices} devices "
@@ -318,10 +320,10 @@ class HessianOperator(LinearOperator):
             )
         if self.uneven == "replicate":
             self.num_replicated_batch_hvps += 1
-            return self._replicated_hvp(self.params, batch, vector)
+            return self._replicated_hvp(self.params, jax.device_put(batch, self._replicated), vector)
         padded, real = pad_batch(batch, self.num_devices)
         self.num_padded_batch_hvps += 1
-        product, batch_count = self._sharded_hvp(self.params, padded, vector)
+        product, batch_count = self._sharded_hvp(self.params, jax.device_put(padded, self._sharded), vector)
         if abs(float(batch_count) - real) > 1e-3 * max(1.0, real):
             raise ValueError(
                 f"loss_fn returned count {float(batch_count)} for a batch padded with masked "
