@@ -90,14 +90,14 @@ def lanczos_memory(dim: int, num_steps: int, dtype: Any = np.float32, basis_memo
     """Bytes the Lanczos run itself holds, excluding the operator (params, batches,
     HVP activations), for ``lanczos_tridiagonal(..., basis_memory=...)``.
 
-    ``"device"``: the basis ``(num_steps + 1) × dim`` plus four vectors on the device
-    while a product is formed (the vector, its product, the previous product and a
-    step temporary). ``"host"``: the same basis plus three work vectors on the host;
-    on the device three vectors (the vector sent, a cast of it, its product),
-    whatever ``num_steps``. The vector counts are what ``jax.live_arrays()`` shows
-    during a run (tests/test_curvature_lanczos_host.py); the operator's own memory
-    (params, batches, HVP activations; a data-parallel operator's replicated copies)
-    comes on top.
+    Both modes hold two vectors on the device while a product is formed (the vector
+    being multiplied and its product); ``"device"`` mode adds the basis
+    ``(num_steps + 1) × dim`` there, ``"host"`` mode keeps it, plus three work
+    vectors, in host memory — so its device share does not grow with ``num_steps``.
+    The vector counts are what ``jax.live_arrays()`` shows during a run
+    (tests/test_curvature_lanczos_host.py). The operator's own memory comes on top:
+    params, a batch and its HVP activations, a ``HessianOperator``'s running sum (one
+    more vector) and, for a data-parallel operator, its replicated copies.
 
     Returns:
       ``{"device": bytes, "host": bytes, "basis": bytes}`` (all ints).
@@ -107,8 +107,8 @@ def lanczos_memory(dim: int, num_steps: int, dtype: Any = np.float32, basis_memo
     vector = int(dim) * np.dtype(dtype).itemsize
     basis = (int(num_steps) + 1) * vector
     if basis_memory == "device":
-        return {"device": basis + 4 * vector, "host": 0, "basis": basis}
-    return {"device": 3 * vector, "host": basis + 3 * vector, "basis": basis}
+        return {"device": basis + 2 * vector, "host": 0, "basis": basis}
+    return {"device": 2 * vector, "host": basis + 3 * vector, "basis": basis}
 
 
 def resolve_dtype(accumulate_dtype: Any, operator_dtype: Any, host: bool = False) -> jnp.dtype:
@@ -226,6 +226,7 @@ def lanczos_tridiagonal(
             basis[0] /= np.linalg.norm(basis[0])  # renormalize after widening
     else:
         basis = jnp.zeros((num_steps + 1, operator.dim), dtype).at[0].set(v0)
+    del v0  # the basis holds it
     alphas, betas = [], []
     beta = 0.0 if host else jnp.zeros((), dtype)
     # Breakdown threshold relative to the largest entry of T so far: an exactly
@@ -242,6 +243,7 @@ def lanczos_tridiagonal(
         else:
             product = operator.matvec_flat(basis[index])
             basis, alpha, beta = _lanczos_step(basis, index, product, beta)
+            del product  # not alive during the next product
         alphas.append(float(alpha))
         steps = index + 1
         beta_value = float(beta)
