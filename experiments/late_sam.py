@@ -19,7 +19,18 @@ accuracy on the un-augmented train set (generalization gap = train − test accu
 the test-accuracy difference to full SAM, the top-2 Hessian eigenvalues by Lanczos
 (papers.md §2: the first ≤ 5,000 un-augmented train examples, summed CE / n, no label
 smoothing, BN in train mode — recorded in the JSON), and the gradient evaluations
-relative to full SGD (a SAM step costs 2).
+relative to full SGD (a SAM step costs 2). The test set is also evaluated after every
+epoch (``eval_every=1``; it does not change training) for Fig. 1a.
+
+Outputs in the workdir: ``results.json``; ``late_sam.png`` (Figs. 3/5: test-accuracy
+difference to full SAM, generalization gap and λ_max against the SAM proportion, one
+column per direction, y shared per row, full SGD / full SAM as reference lines, error
+bars = 95 % t-interval over seeds); ``fig1a_test_error.png`` (Fig. 1a: test error
+over epochs for SGD, SAM and SGD→SAM with the switch marked, mean and 95 % t-band over
+seeds). The printed verdict states each criterion next to its yes/no.
+
+Hyper-parameters: ``PROVENANCE`` gives the source of every field of the cpu and
+paper presets ([code] / [text] / [recalled] as in papers.md, or "chosen by us").
 
 Command (the README's main job)::
 
@@ -36,6 +47,7 @@ docs/experiments.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from functools import reduce
@@ -65,8 +77,8 @@ class StudyConfig:
         Lanczos, BN in train mode = "batch").
       lambda_chunk: examples per HVP chunk of the λ_max measurement
         (``TrainConfig.lambda_max_chunk``; the authors: 128 [code], BN statistics
-        per chunk). ``None``: not passed, the engine's default applies (and an
-        engine without the field is fine).
+        per chunk in ``batch`` mode). ``None``: not passed, the engine's default
+        applies. Every preset sets 128.
       fig1_sam_epochs: the SGD→SAM run drawn in Fig. 1a (one of
         ``sgd_to_sam_epochs``); ``None``: the one whose SAM proportion is closest to
         the paper's Fig. 1 switch, t = 175 of T = 200 (proportion 1/8) [text].
@@ -130,7 +142,7 @@ SCALE_PRESETS: dict[str, StudyConfig] = {
         model_kwargs={"width": 8}, total_epochs=4, sgd_to_sam_epochs=(1, 2),
         sam_to_sgd_epochs=(1,), rho=0.05, seeds=(0,),
         train={"lr": 0.05, "batch_size": 32, "steps_per_epoch": 5, "schedule": "cosine"},
-        lambda_examples=200, lambda_iters=6),
+        lambda_examples=200, lambda_iters=6, lambda_chunk=128),
     # Minutes on 2 CPU cores: MNIST-1D (4000 train / 1000 test), the MNIST-1D CNN,
     # the paper's WRN step schedule (lr ×1, ×0.2 after 0.3T, ×0.04 after 0.6T).
     # Everything but the schedule, the momentum and the λ_max protocol is chosen by
@@ -152,6 +164,7 @@ SCALE_PRESETS: dict[str, StudyConfig] = {
                "weight_decay": 5e-4},                    # chosen by us
         lambda_examples=4000,                            # [code] ≤ 5,000: the whole train set
         lambda_iters=20,                                 # chosen by us (they use ARPACK)
+        lambda_chunk=128,                                # [code] HVP chunks of 128 (no BN here)
         fig1_sam_epochs=6),                              # chosen by us: 0.10, nearest the paper's 1/8
     # The paper (papers.md §2). Every field carries its provenance tag; [recalled]
     # values are from memory of the paper, not re-checked (PROVENANCE["paper"]).
@@ -200,8 +213,9 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "lambda_examples": "[code] ≤ 5,000 un-augmented train examples: all 4,000 here",
         "lambda_iters": "chosen by us: 20 Lanczos steps (the authors use ARPACK top-2 [code])",
         "lambda_bn_mode": "[code] train mode (batch statistics); cnn1d has no BN",
-        "lambda_chunk": "not set: the engine's default (cnn1d has no BN, so chunking "
-                        "changes only float rounding)",
+        "lambda_chunk": "[code] HVPs over chunks of 128 examples, as the authors; cnn1d has "
+                        "no BN, so the chunk size changes λ_max only by float rounding "
+                        "(before: one chunk per eval batch of 500)",
         "fig1_sam_epochs": "chosen by us: 6 of 60 (0.10, closest to the paper's 25 of 200)",
     },
     "paper": {
@@ -646,9 +660,10 @@ def plot_fig1a(study: StudyConfig, per_seed: dict, path, title: str = "") -> str
     epochs = np.arange(1, study.total_epochs + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     styles = [("sgd", "SGD", common.PALETTE[0]), ("sam", "SAM", common.PALETTE[2]),
-              ("sgd_to_sam", f"SGD → SAM (switch after epoch {t}; SAM for the last {k})",
+              ("sgd_to_sam", f"SGD → SAM (SAM for the last {k} epochs)",
                common.PALETTE[1])]
-    start = study.total_epochs // 2
+    # Zoom: from the schedule's last step (0.6 T for the WRN step schedule) on.
+    start = min(int(0.6 * study.total_epochs), max(t - 1, 0))
     for ax, lo in zip(axes, (0, start)):
         for key, label, color in styles:
             # The SGD→SAM run equals the SGD run before the switch: draw it from the
@@ -656,21 +671,42 @@ def plot_fig1a(study: StudyConfig, per_seed: dict, path, title: str = "") -> str
             first = max(lo, t - 1) if key == "sgd_to_sam" else lo
             common.plot_band(ax, epochs[first:], 100 * curves[key][:, first:], label=label,
                              color=color)
-        ax.axvline(t, color="k", ls="--", lw=0.9)
+        ax.axvline(t, color="k", ls="--", lw=0.9, label=f"switch to SAM (after epoch {t})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test error (%)")
-    ymax = np.nanmax([np.nanmax(100 * c[:, start:]) for c in curves.values()])
-    ymin = np.nanmin([np.nanmin(100 * c[:, start:]) for c in curves.values()])
-    pad = 0.1 * max(ymax - ymin, 1e-3)
-    axes[1].set_ylim(ymin - pad, ymax + pad)
-    axes[1].text(t, ymax + pad, " switch", va="top", ha="left", fontsize=8)
     axes[0].set_title("all epochs")
     axes[1].set_title(f"epochs {start + 1}–{study.total_epochs} (zoom)")
-    axes[0].legend(loc="best")
+    axes[0].legend(loc="upper right")
     fig.suptitle(f"{title}\n{common.BAND_CAPTION}; test set evaluated after every epoch",
                  fontsize=9)
     fig.tight_layout()
     return common.save_figure(fig, path)
+
+
+def draw_figures(study: StudyConfig, seeds, scale: str, rows: list[dict], per_seed: dict,
+                 workdir: Path) -> list[str]:
+    """Write ``late_sam.png`` and (if the study has an SGD→SAM run) ``fig1a_test_error.png``."""
+    description = _describe(study, seeds, scale)
+    figures = [plot_study(rows, workdir / "late_sam.png",
+                          f"Late-phase SAM switching study (Figs. 3/5) — {description}")]
+    if study.fig1_run() is not None:
+        figures.append(plot_fig1a(study, per_seed, workdir / "fig1a_test_error.png",
+                                  f"Fig. 1a: test error over training — {description}"))
+    return figures
+
+
+def replot(workdir) -> list[str]:
+    """Redraw the figures of a finished run from its ``results.json`` (no training)."""
+    workdir = Path(workdir)
+    data = json.loads((workdir / common.RESULTS_FILE).read_text())
+    config = data["config"]["study"]
+    for key in ("sgd_to_sam_epochs", "sam_to_sgd_epochs", "seeds"):
+        config[key] = tuple(config[key])
+    study = StudyConfig(**config)
+    results = data["results"]
+    per_seed = {int(s): runs for s, runs in results["per_seed"].items()}
+    return draw_figures(study, data["config"]["seeds"], data["scale"], results["rows"],
+                        per_seed, workdir)
 
 
 def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
@@ -687,12 +723,7 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
             per_seed[seed] = run_seed(study, seed, workdir, log, progress=progress)
         rows = aggregate(study, per_seed)
         verdict = claim_verdict(study, rows, per_seed)
-        description = _describe(study, seeds, scale)
-        figures = [plot_study(rows, workdir / "late_sam.png",
-                              f"Late-phase SAM switching study (Figs. 3/5) — {description}")]
-        if study.fig1_run() is not None:
-            figures.append(plot_fig1a(study, per_seed, workdir / "fig1a_test_error.png",
-                                      f"Fig. 1a: test error over training — {description}"))
+        figures = draw_figures(study, seeds, scale, rows, per_seed, workdir)
     study_evals = sum(r["own_grad_evals"] for runs in per_seed.values() for r in runs.values())
     naive_evals = sum(r["grad_evals"] for runs in per_seed.values() for r in runs.values())
     results = {
@@ -712,7 +743,14 @@ def run_experiment(scale: str, workdir, seeds: Sequence[int] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    parser = common.build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figures of a finished run in --workdir")
+    args = common.parse_args(__doc__.splitlines()[0], argv, parser)
+    if args.replot:
+        figures = replot(args.workdir)
+        print(f"redrew {', '.join(figures)} in {args.workdir}")
+        return {"figures": figures}
     results = run_experiment(args.scale, args.workdir, args.seeds)
     print("\nmean ± std over seeds (Δ test vs SAM: paired per seed)")
     print(results["table"])

@@ -6,6 +6,20 @@ loss shows no barrier (same valley), and the second-order finite difference
 ``L''(θ_λ) = (L(θ_{λ+h}) + L(θ_{λ−h}) − 2 L(θ_λ)) / (2h)²`` (h = 0.1, the paper's
 formula, via ``sam_jax.landscape.interpolate``) grows with λ (θ_{SGD→SAM} is flatter).
 
+The loss along θ_λ (``--protocol``):
+
+* ``authors`` (default; their code, papers.md §2): the model in **eval** mode, with
+  the BN running mean/var interpolated linearly together with the parameters (the
+  whole variables tree moves along θ_λ), on 1,000 random training images
+  (``train_ds.subset(1000, seed=0)``, the same images for every pair; the seed is
+  ours), plain cross entropy;
+* ``batch_bn`` (this module before): BN in train mode (batch statistics of each
+  1,000-example batch), the other collections held at θ_{SGD→SAM}'s, the first N
+  train images (N = 4,000, the whole set, at cpu scale).
+
+For a model without BatchNorm (the cpu preset's ``cnn1d``) the two differ only in
+the images. The figure's subtitle and ``results.json`` name the protocol used.
+
 The pair of models comes from the late-SAM study: a full SGD run and a run branched
 from its checkpoint at t = T − k with SAM for the last k epochs (same seed, same
 data order). By default this module trains its own pair with the ``late_sam``
@@ -17,8 +31,7 @@ Command::
     python -m experiments.same_valley --scale cpu --workdir runs/same_valley
 
 Runtime on a 2-core CPU: tiny ~20 s; cpu ~15 s from late_sam's runs, ~2 min training
-its own pair. Result (cpu, seeds 0-2): no barrier; L'' 0.0012-0.0014 at late SAM vs
-0.0017-0.0020 at SGD (docs/experiments.md).
+its own pair. Result (cpu, seeds 0-2): see docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -259,11 +272,10 @@ def plot_interpolation(per_seed: dict, path, title: str = "") -> str:
     for ax in (top, bottom):
         for x in (0.0, 1.0):
             ax.axvline(x, color="gray", lw=0.8, ls=":")
-    top.set_ylabel("train loss L(θ_λ) (cross entropy)")
-    top.set_yscale("log")
-    top.set_title("θ_λ = (1−λ) θ_SGD→SAM + λ θ_SGD   (λ=0: late SAM, λ=1: SGD)")
-    bottom.set_ylabel("L''(θ_λ) = [L(θ_λ+h) + L(θ_λ−h) − 2L(θ_λ)] / (2h)², h = 0.1")
-    bottom.yaxis.label.set_size(8)
+    top.set_ylabel("train loss L(θ_λ)\n(cross entropy)")
+    top.set_title("θ_λ = (1−λ) θ_SGD→SAM + λ θ_SGD   (dotted: λ=0 late SAM, λ=1 SGD)")
+    bottom.set_title("L''(θ_λ) = [L(θ_{λ+h}) + L(θ_{λ−h}) − 2 L(θ_λ)] / (2h)²,  h = 0.1")
+    bottom.set_ylabel("L''(θ_λ)")
     bottom.set_xlabel("λ (interpolation coefficient)")
     top.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)

@@ -238,7 +238,10 @@ def test_late_sam_tiny_cli(late_sam_tiny):
         2 * runs["sgd"]["grad_evals"] / study.total_epochs)
     assert results["compute"]["saved_by_branching"] > 0
     assert "late_sam_matches_full_sam" in results["claim"]
+    assert set(results["claim"]["criteria"]) >= {"late_sam_matches_full_sam",
+                                                 "early_sam_loses_flatness"}
     assert "| direction" in results["table"]
+    assert data["figures"] == ["late_sam.png", "fig1a_test_error.png"]
 
 
 @pytest.mark.slow
@@ -249,7 +252,10 @@ def test_same_valley_tiny_reuses_late_sam_runs(late_sam_tiny, tmp_path):
     res = data["results"]["per_seed"]["0"]
     assert len(res["lambdas"]) == 40 and len(res["second_derivative"]) == 40
     assert res["lambdas"][0] == pytest.approx(-0.2) and res["lambdas"][-1] == pytest.approx(1.2)
-    # The endpoints are the two runs' models: λ = 1 is θ_SGD, whose loss late_sam measured.
+    # The authors' protocol by default: eval mode, on (here all) random train images.
+    assert res["protocol"] == "authors" and res["bn_mode"] == "running, interpolated"
+    # The endpoints are the two runs' models: λ = 1 is θ_SGD, whose loss late_sam measured
+    # (eval mode, all train examples).
     late_runs = json.loads((late_sam_tiny / common.RESULTS_FILE).read_text())
     assert res["loss_sgd"] == pytest.approx(
         late_runs["results"]["per_seed"]["0"]["sgd"]["train_loss"], rel=1e-3)
