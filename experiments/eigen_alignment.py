@@ -188,8 +188,8 @@ class _Compiled:
         from sam_jax.models import get_model
         from sam_jax.optim import registry
         from sam_jax.train.schedules import make_schedule
-        from sam_jax.train.step import (PERTURBATION_INDEX, OptimizerSpec, TrainState,
-                                        build_optimizer, cross_entropy, make_train_step)
+        from sam_jax.train.step import (OptimizerSpec, TrainState, build_optimizer,
+                                        cross_entropy, make_train_step)
 
         self.setting = setting
         self.train = get_dataset(setting.dataset, "train", **setting.dataset_kwargs)
@@ -240,7 +240,7 @@ class _Compiled:
                 self.steps[name, flag] = jax.jit(make_train_step(
                     model, spec, label_smoothing=0.0, l2_weight_decay=0.0, eigen_refresh=flag))
                 self.probes[name, flag] = jax.jit(_make_probe(
-                    perturbation, grad, flag, PERTURBATION_INDEX, name == "sgd"))
+                    perturbation, grad, flag, name == "sgd"))
         self.build_optimizer = build_optimizer
 
     def new_state(self, name: str, seed: int):
@@ -265,7 +265,7 @@ class _Compiled:
         return float(result.eigenvalues[0])
 
 
-def _make_probe(perturbation, grad, flag, index, is_sgd):
+def _make_probe(perturbation, grad, flag, is_sgd):
     """``(state, batch) -> (g, ε, v)``: the gradient, the transform's actual ε and (for
     Eigen-SAM) the eigenvector estimate that ε used, by running the library transform
     on a copy of the state with a spy ``grad_fn`` that records the point w + ε it is
@@ -286,13 +286,27 @@ def _make_probe(perturbation, grad, flag, index, is_sgd):
             return grad(p, batch)
 
         extra = {} if flag is None else {"eigen_refresh": flag}
-        _, new = perturbation.update(g, state.opt_state[index], params, grad_fn=spy,
+        _, new = perturbation.update(g, _family_state(state.opt_state), params, grad_fn=spy,
                                      hvp_grad_fn=lambda p: grad(p, batch), **extra)
         epsilon = jax.tree.map(jnp.subtract, seen[-1], params)
         vector = getattr(new, "eigenvector", g)
         return g, epsilon, vector
 
     return probe
+
+
+def _family_state(opt_state):
+    """The SAM-family (perturbation) state inside a chained optimizer state, found by
+    type (the engine's chain does not promise a position)."""
+    import jax
+
+    from sam_jax.optim import _core
+
+    found = [n for n in jax.tree.leaves(opt_state, is_leaf=_core.is_family_state)
+             if _core.is_family_state(n)]
+    if len(found) != 1:
+        raise ValueError(f"expected one SAM-family state, found {len(found)}")
+    return found[0]
 
 
 def _abs_cos(a: np.ndarray, b: np.ndarray) -> float:

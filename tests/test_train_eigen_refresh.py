@@ -40,16 +40,17 @@ def _eigenvalues(result):
 
 @pytest.mark.parametrize("per_device", [False, True])
 def test_host_refresh_equals_in_graph_cond(tmp_path, per_device):
-    host = run(_config(tmp_path / "host", per_device_perturbation=per_device))
+    cache = loop.CompileCache()
+    host = run(_config(tmp_path / "host", per_device_perturbation=per_device), cache=cache)
     cond = run(_config(tmp_path / "cond", per_device_perturbation=per_device,
-                       host_step_kinds=False))
+                       host_step_kinds=False), cache=cache)
     _assert_close(host.variables, cond.variables)
     values = _eigenvalues(host)
     # epoch 1 has counts 0, 1 (no estimate yet); refreshes at counts 3 and 6
     assert values[0] is None and values[1] == 0.0 and values[2] != 0.0 and values[4] != values[2]
     np.testing.assert_allclose(values[1:], _eigenvalues(cond)[1:], rtol=1e-5)
     # both compiled variants of the host path were built, and the cond path's
-    flags = {key[-1] for key in loop._TRAIN_STEPS if key[1].name == "eigen_sam"}
+    flags = {key[-1] for key in cache.traces if key[1].name == "eigen_sam"}
     assert flags == {None, False, True}
 
 

@@ -187,6 +187,10 @@ class TrainConfig:
         always kept so other runs can branch from them.
       checkpoint_every: save every N epochs (boundaries and the last epoch always).
       lambda_max_every: log λ_max by Lanczos every k epochs (0: never).
+      lambda_max_chunk: examples per Hessian-vector-product chunk of the λ_max
+        measurement (in ``batch`` BN mode each chunk is normalized by its own
+        statistics): 128 as the late-phase SAM authors' code ([code],
+        zzp1012/SAM-in-Late-Phase). A measurement option (logistics).
       lambda_max_examples, lambda_max_bn_mode, lambda_max_iters: the λ_max
         protocol (late-phase SAM: ≤ 5000 un-augmented train examples, BN in train
         mode i.e. ``batch``, no label smoothing).
@@ -249,6 +253,7 @@ class TrainConfig:
     lambda_max_examples: int = 1000
     lambda_max_bn_mode: str = "batch"
     lambda_max_iters: int = 20
+    lambda_max_chunk: int = 128
     eval_every: int = 1
     progress: bool = True
     host_step_kinds: bool = True
@@ -307,6 +312,11 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def run_identity(self) -> "RunIdentity":
+        """This config's `RunIdentity`: equal for two configs iff they define the
+        same run (they may differ in logistics, `LOGISTICS_FIELDS`)."""
+        return RunIdentity.of(self.to_dict())
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -330,7 +340,8 @@ class TrainConfig:
                         eval_batch_size=self.eval_batch_size,
                         checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
                         lambda_max_examples=self.lambda_max_examples,
-                        lambda_max_iters=self.lambda_max_iters)
+                        lambda_max_iters=self.lambda_max_iters,
+                        lambda_max_chunk=self.lambda_max_chunk)
         for name, value in positive.items():
             if int(value) != value or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -388,6 +399,9 @@ LOGISTICS_FIELDS: dict[str, str] = {
     "keep_last": "checkpoint retention",
     "keep_every": "checkpoint retention",
     "lambda_max_every": "lambda_max logging cadence (its protocol fields are identity)",
+    "lambda_max_chunk": "examples per chunk of the lambda_max measurement (a measurement "
+                        "option: it changes what is logged as lambda_max in BN 'batch' "
+                        "mode, never the training)",
     "host_step_kinds": "dispatch of an algorithm's two step kinds (host pick or in-graph "
                        "cond); same step, equal to float rounding (tests: params bit for "
                        "bit, eigenvalue to one ulp), so it may change at rounding level",
@@ -403,8 +417,8 @@ def _identity_fields() -> tuple[str, ...]:
 # Everything that changes the mathematics of the run or the meaning of what it logs:
 # data, model, phases (hence the number of epochs: the schedule spans them all, so
 # a finished run cannot be extended in place), optimizer, loss, devices, seed,
-# init_from/init_step, and the evaluation/lambda_max protocol (eval_batch_size
-# sets lambda_max's batches, which BatchNorm in 'batch' mode normalizes by).
+# init_from/init_step, and the evaluation/lambda_max protocol (eval_batch_size, the
+# examples, BN mode and iterations of lambda_max).
 RUN_IDENTITY_FIELDS: tuple[str, ...] = _identity_fields()
 
 
@@ -419,6 +433,39 @@ def _canonical(name: str, value: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """What defines a run's mathematics: every identity field's canonical value
+    (`RUN_IDENTITY_FIELDS`, in the form a JSON round trip gives, ``init_from`` as an
+    absolute path). Two configs describe the same run iff their identities are
+    equal (``config.run_identity() == other.run_identity()``); hashable.
+
+    Attributes:
+      items: sorted ``(field, canonical JSON text)`` pairs.
+    """
+
+    items: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, values: dict) -> "RunIdentity":
+        """The identity of a config dict (e.g. a checkpoint's ``meta["config"]``); an
+        identity field it lacks (an older version did not know it) counts as that
+        field's default, the behaviour it had then."""
+        defaults = _field_defaults()
+        return cls(tuple(sorted(
+            (name, json.dumps(_canonical(name, values[name] if name in values
+                                         else defaults[name]), sort_keys=True))
+            for name in RUN_IDENTITY_FIELDS)))
+
+    def as_dict(self) -> dict:
+        return {name: json.loads(text) for name, text in self.items}
+
+
+def _field_defaults() -> dict:
+    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                     else f.default) for f in dataclasses.fields(TrainConfig)}
+
+
 def identity_differences(saved: dict, config: "TrainConfig") -> list[tuple[str, Any, Any]]:
     """``[(field, saved value, new value)]`` for each identity field that differs.
 
@@ -427,8 +474,7 @@ def identity_differences(saved: dict, config: "TrainConfig") -> list[tuple[str, 
     that did not know it) counts as that field's default, the behaviour it had then.
     """
     ours = config.to_dict()
-    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                         else f.default) for f in dataclasses.fields(TrainConfig)}
+    defaults = _field_defaults()
     differ = []
     for name in RUN_IDENTITY_FIELDS:
         old = saved[name] if name in saved else defaults[name]

@@ -1,4 +1,5 @@
-"""Run records: ``config.json``, per-epoch ``metrics.jsonl`` and a tqdm progress bar.
+"""Run records: ``config.json``, per-epoch ``metrics.jsonl``, and the console
+(a per-epoch table; a tqdm bar when stderr is a terminal).
 
 What a kill cannot destroy: every *rewrite* of a record file (``config.json``, and
 ``metrics.jsonl`` when a run starts or resumes) goes through `atomic_write_text`
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import warnings
 from typing import Iterable, Optional
@@ -77,12 +79,33 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(directory)
 
 
+def package_versions() -> dict:
+    """``{"sam_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"}``
+    versions (installed package metadata; sam_jax's falls back to
+    ``sam_jax.__version__`` when it is not installed; None for a missing package)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("sam_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    if versions["sam_jax"] is None:
+        versions["sam_jax"] = sam_jax.__version__
+    return versions
+
+
 def write_config(workdir: str, config_dict: dict, extra: Optional[dict] = None) -> str:
-    """Writes ``config.json`` with the config, package/JAX versions and devices."""
+    """Writes ``config.json``: the config, the versions of sam_jax and the libraries
+    that compute the run (``versions``, `package_versions`), Python and the devices
+    (``extra`` adds e.g. the git commit)."""
+    versions = package_versions()
     record = {
         "config": config_dict,
-        "sam_jax_version": sam_jax.__version__,
+        "sam_jax_version": versions["sam_jax"],
         "jax_version": jax.__version__,
+        "versions": versions,
         "python_version": platform.python_version(),
         "devices": [str(d) for d in jax.devices()],
         **(extra or {}),
@@ -184,33 +207,115 @@ def _warn_missing(path: str, records: list[dict], before_epoch: int) -> None:
                       "without retraining", RuntimeWarning, stacklevel=3)
 
 
-class Progress:
-    """A tqdm bar over the run's steps (a no-op when disabled)."""
+# ------------------------------------------------------------------ the console
+# The per-epoch table: (header, record key, width, format). Blank where a record
+# has no value (test metrics between evaluations, lambda_max between measurements).
+_COLUMNS = (
+    ("epoch", "epoch", 5, "{:d}"),
+    ("phase", "phase", 10, "{}"),
+    ("lr", "lr", 9, "{:.4g}"),
+    ("train loss", "train_loss", 10, "{:.4f}"),
+    ("train acc", "train_acc", 9, "{:.4f}"),
+    ("test loss", "test_loss", 9, "{:.4f}"),
+    ("test acc", "test_acc", 8, "{:.4f}"),
+    ("grad norm", "grad_norm", 9, "{:.4g}"),
+    ("ε norm", "perturbation_norm", 9, "{:.4g}"),
+    ("‖θ‖", "param_norm", 9, "{:.5g}"),
+    ("λ_max", "lambda_max", 9, "{:.4g}"),
+    ("epoch s", "epoch_time", 8, "{:.1f}"),
+)
 
-    def __init__(self, total_steps: int, initial: int = 0, enabled: bool = True):
-        self._bar = tqdm(total=total_steps, initial=initial, disable=not enabled,
-                         unit="step", dynamic_ncols=True, leave=True)
+
+def _cell(record: dict, key: str, width: int, fmt: str) -> str:
+    value = record.get(key)
+    if value is None:
+        text = ""
+    else:
+        try:
+            text = fmt.format(value)
+        except (TypeError, ValueError):
+            text = str(value)
+    return text.rjust(width) if key != "phase" else text.ljust(width)
+
+
+def table_header() -> str:
+    """The header line of the per-epoch table (`table_row`)."""
+    return "  ".join(name.rjust(w) if key != "phase" else name.ljust(w)
+                     for name, key, w, _ in _COLUMNS)
+
+
+def table_row(record: dict) -> str:
+    """One epoch record as a row of the per-epoch table: epoch, phase, lr, train
+    loss/acc, test loss/acc, ‖∇L‖, ‖ε‖, ‖θ‖, λ_max and the epoch's seconds; blank
+    where the epoch did not measure it."""
+    return "  ".join(_cell(record, key, w, fmt) for _, key, w, fmt in _COLUMNS)
+
+
+class Progress:
+    """The console of a run: a per-epoch table, and a tqdm bar over the steps when
+    stderr is a terminal (a no-op when disabled).
+
+    The table (`table_header` once, then `table_row` per epoch) goes to stdout as
+    epochs finish. When stderr is not a terminal (a log file, a pipe, CI) there is
+    no bar: a bar redrawn into a file is one huge line.
+
+    Args:
+      total_steps, initial: the run's steps and those already done.
+      enabled: show anything at all (``TrainConfig.progress``).
+      bar: show the bar; None: when stderr is a terminal.
+      stream: where the table goes (default stdout).
+    """
+
+    def __init__(self, total_steps: int, initial: int = 0, enabled: bool = True,
+                 bar: Optional[bool] = None, stream=None):
+        self.enabled = enabled
+        self._stream = stream
+        if bar is None:
+            bar = enabled and _is_terminal(sys.stderr)
+        self._bar = tqdm(total=total_steps, initial=initial, disable=not (enabled and bar),
+                         unit="step", dynamic_ncols=True, leave=False)
+        self._header_shown = False
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)
 
     def describe(self, epoch: int, phase: str, record: Optional[dict] = None) -> None:
         self._bar.set_description(f"epoch {epoch} [{phase}]")
-        if record:
-            shown = {k: f"{record[k]:.4g}" for k in ("train_loss", "test_acc", "lr")
-                     if isinstance(record.get(k), (int, float))}
-            self._bar.set_postfix(shown, refresh=False)
+
+    def _print(self, line: str) -> None:
+        stream = self._stream if self._stream is not None else sys.stdout
+        if self._bar.disable:
+            print(line, file=stream, flush=True)
+        else:
+            tqdm.write(line, file=stream)  # above the bar
+
+    def epoch_done(self, record: dict) -> None:
+        """Prints the epoch's table row (the header before the first)."""
+        if not self.enabled:
+            return
+        if not self._header_shown:
+            self._print(table_header())
+            self._header_shown = True
+        self._print(table_row(record))
+
+    def already_complete(self, epochs: int, workdir: str, metrics_path: str) -> None:
+        """Says that the run was finished before this call (nothing to train)."""
+        if self.enabled:
+            self._print(f"the run in {workdir} is already complete: {epochs} epochs "
+                        f"(final epoch {epochs - 1}); metrics in {metrics_path}")
 
     def close(self) -> None:
         self._bar.close()
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def summarize(records: Iterable[dict]) -> str:
-    """One line per epoch, for printing at the end of a CLI run."""
-    lines = []
-    for r in records:
-        lines.append(f"epoch {r['epoch']:4d} {r['phase']:>10s}  lr {r['lr']:.4g}  "
-                     f"train {r['train_loss']:.4f}/{r['train_acc']:.3f}  "
-                     f"test {r.get('test_loss', float('nan')):.4f}/"
-                     f"{r.get('test_acc', float('nan')):.3f}  evals {r['grad_evals']:.0f}")
-    return "\n".join(lines)
+    """The per-epoch table of ``records`` (header and one aligned row per epoch),
+    as `Progress` prints it during a run."""
+    return "\n".join([table_header()] + [table_row(r) for r in records])

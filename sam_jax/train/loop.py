@@ -12,8 +12,15 @@ so a run resumed from its checkpoint at epoch ``e`` (or branched from another ru
 checkpoint with ``init_from``/``init_step``) computes exactly what the
 uninterrupted run computes from epoch ``e`` on.
 
-Compiled steps are cached per (model, optimizer, loss, mesh) for the life of the
-process, so an experiment that launches many branched runs compiles each phase once.
+`run` is a sequence of named pieces: `prepare` (data, model, mesh, schedule and one
+`PhaseOptimizer` per phase), `start_point` (fresh, resume from the workdir's own
+checkpoint, or branch from another run's), `train_epoch`, `measure` (test
+evaluation and λ_max) and `save_checkpoint`.
+
+Compiled steps live in a `CompileCache` passed to `run` (default: the process-wide
+`CompileCache.default()`), so an experiment that launches many branched runs
+compiles each kind of step once; the learning rate (and ρ where the cache traces
+it) is an argument of the compiled step, not part of it.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import time
 import warnings
 from typing import Any, Optional
@@ -33,12 +41,13 @@ import numpy as np
 from sam_jax.optim import registry as optim_registry
 from sam_jax.train import parallel
 from sam_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
-from sam_jax.train.config import (RUN_IDENTITY_FIELDS, Phase, TrainConfig,
-                                  identity_differences)
+from sam_jax.train.config import (LOGISTICS_FIELDS, RUN_IDENTITY_FIELDS, Phase, RunIdentity,
+                                  TrainConfig, identity_differences)
+from sam_jax.train.config import _DEPRECATED_HOST_ALIAS as _HOST_ALIAS
 from sam_jax.train.logging import MetricsLog, Progress, write_config
+from sam_jax.train.phases import CompileCache, PhaseOptimizer, optimizer_spec
 from sam_jax.train.schedules import make_schedule
-from sam_jax.train.step import (PERTURBATION_INDEX, TRACE_INDEX, OptimizerSpec, TrainState,
-                                build_optimizer, make_eval_step, make_train_step)
+from sam_jax.train.step import TrainState, make_eval_step
 
 # Fields a resumed run must share with the run that wrote the checkpoint: every
 # TrainConfig field except the logistics ones (`config.LOGISTICS_FIELDS`).
@@ -83,73 +92,8 @@ class RunResult:
     resumed_from: int
 
 
-# --------------------------------------------------------------------- caches
-_TRAIN_STEPS: dict = {}
-_EVAL_STEPS: dict = {}
-_INITS: dict = {}
-
-
-def _model_key(config: TrainConfig, num_classes: int) -> tuple:
-    return (config.model, json.dumps(config.model_kwargs, sort_keys=True), num_classes)
-
-
-def _mesh_key(mesh) -> tuple:
-    return tuple(d.id for d in mesh.devices.flat)
-
-
-def optimizer_spec(config: TrainConfig, phase: Phase,
-                   steps_per_epoch: Optional[int] = None) -> OptimizerSpec:
-    """The `OptimizerSpec` of ``phase`` under ``config``.
-
-    ``steps_per_epoch`` (the run's optimizer steps per epoch) is handed to the
-    perturbation when it declares it wants it and the phase does not set it (the
-    algorithm's declared ``engine_options``).
-    """
-    decoupled = config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0
-    kwargs = {}
-    if phase.name != "sgd":
-        kwargs = optim_registry.engine_kwargs(phase.name, config.phase_kwargs(phase),
-                                              steps_per_epoch=steps_per_epoch)
-    return OptimizerSpec(
-        name=phase.name, rho=float(config.phase_rho(phase)),
-        kwargs=tuple(sorted(kwargs.items())),
-        momentum=float(config.momentum), nesterov=bool(config.nesterov),
-        weight_decay=float(decoupled), clip_norm=config.clip_norm)
-
-
-def _train_step(model, config: TrainConfig, spec: OptimizerSpec, mesh, num_classes: int,
-                step_kind: Optional[bool] = None):
-    per_device = config.per_device_perturbation and spec.name != "sgd"
-    l2 = config.weight_decay if config.weight_decay_mode == "loss" else 0.0
-    key = (_model_key(config, num_classes), spec, float(config.label_smoothing), float(l2),
-           per_device, _mesh_key(mesh), int(config.grad_accum), config.accum_epsilon,
-           step_kind)
-    if key not in _TRAIN_STEPS:
-        step = make_train_step(model, spec, label_smoothing=config.label_smoothing,
-                               l2_weight_decay=l2,
-                               axis_name=parallel.DATA_AXIS if per_device else None,
-                               sync_perturbation=not per_device, step_kind=step_kind,
-                               grad_accum=int(config.grad_accum),
-                               accum_epsilon=config.accum_epsilon)
-        _TRAIN_STEPS[key] = parallel.jit_train_step(step, mesh, per_device)
-    return _TRAIN_STEPS[key]
-
-
-def _host_step_picker(config: TrainConfig, spec: OptimizerSpec):
-    """``count -> bool`` for a phase whose algorithm has two compiled step kinds
-    (declared ``step_picker``) when the host decides (the config's host-picking
-    flag, ``TrainConfig.host_step_kinds``), else None. The picker applies the
-    transform's own in-graph rule."""
-    if not config.host_step_kinds or spec.name == "sgd":
-        return None
-    return optim_registry.step_picker(spec.name, **dict(spec.kwargs))
-
-
-def _eval_step(model, config: TrainConfig, mesh, num_classes: int):
-    key = (_model_key(config, num_classes), _mesh_key(mesh))
-    if key not in _EVAL_STEPS:
-        _EVAL_STEPS[key] = parallel.jit_eval_step(make_eval_step(model), mesh)
-    return _EVAL_STEPS[key]
+__all__ = ["CompileCache", "PhaseOptimizer", "RunResult", "TrainingDiverged", "check_config",
+           "checkpoint_epochs", "load_variables", "make_evaluator", "optimizer_spec", "run"]
 
 
 # ---------------------------------------------------------------- validation
@@ -166,8 +110,7 @@ def check_config(config: TrainConfig) -> list[Phase]:
         if phase.name not in optim.PERTURBATIONS:
             raise ValueError(f"unknown optimizer {phase.name!r} in phases {config.phases!r}; "
                              f"choose from {sorted(optim.PERTURBATIONS)}")
-        # raises on bad rho / options
-        build_optimizer(optimizer_spec(config, phase, steps_for_validation))
+        PhaseOptimizer(config, phase, steps_for_validation)  # raises on bad rho / options
         if config.grad_accum > 1 and config.accum_epsilon == "microbatch" \
                 and phase.name != "sgd" \
                 and optim_registry.algorithm(phase.name).step_picker is not None:
@@ -188,21 +131,12 @@ def _load_data(config: TrainConfig):
     return train, test
 
 
-def _init_variables(model, config: TrainConfig, input_shape, num_classes: int) -> tuple[Any, Any]:
-    key = (_model_key(config, num_classes), tuple(input_shape))
-    if key not in _INITS:
-        sample = jnp.zeros((2, *input_shape), jnp.float32)
-        _INITS[key] = jax.jit(lambda rng: model.init(rng, sample, train=False))
-    variables = _INITS[key](jax.random.PRNGKey(config.seed))
+def _init_variables(model, config: TrainConfig, input_shape, num_classes: int,
+                    cache: Optional[CompileCache] = None) -> tuple[Any, Any]:
+    cache = CompileCache.default() if cache is None else cache
+    init = cache.init_fn(model, config, input_shape, num_classes)
+    variables = init(jax.random.PRNGKey(config.seed))
     return variables["params"], variables.get("batch_stats", {})
-
-
-def _grad_evals_per_step(spec: OptimizerSpec) -> float:
-    from sam_jax import optim
-
-    if spec.name == "sgd" or spec.rho == 0:
-        return 1.0
-    return float(optim.gradient_evals_per_step(spec.name, **dict(spec.kwargs)))
 
 
 def _all_finite(tree) -> bool:
@@ -222,8 +156,10 @@ def _check_resume_compatible(meta: dict, config: TrainConfig, directory: str,
     code-version change only warns (`CodeVersionWarning`, see `_warn_code_change`).
     """
     saved = meta.get("config", {})
-    differ = [(f"{k} (--{k.replace('_', '-')})", old, new)
-              for k, old, new in identity_differences(saved, config)]
+    differ = []
+    if RunIdentity.of(saved) != config.run_identity():
+        differ = [(f"{k} (--{k.replace('_', '-')})", old, new)
+                  for k, old, new in identity_differences(saved, config)]
     if (num_shards is not None and meta.get("num_shards") is not None
             and meta["num_shards"] != num_shards):
         differ.append(("devices used (--num-devices, --cpu-devices)", meta["num_shards"],
@@ -238,35 +174,23 @@ def _check_resume_compatible(meta: dict, config: TrainConfig, directory: str,
             f"one history. Differing fields: {detail}. To train this configuration from "
             f"scratch, use a new --workdir; to branch from this run, use a new --workdir "
             f"with --init-from {run_dir} --init-step N{at}. Only logistics may change "
-            f"on resume (workdir, progress, eval_every, checkpoint_every, keep_last, "
-            f"keep_every, lambda_max_every, host_step_kinds)")
+            f"on resume ({', '.join(f for f in LOGISTICS_FIELDS if f != _HOST_ALIAS)})")
     _warn_code_change(meta, directory)
 
 
 @functools.lru_cache(maxsize=None)
 def _git_commit() -> Optional[str]:
-    """The git commit of the sam_jax checkout this process imported (None outside
-    a git checkout); read from .git without running git, once per process."""
+    """The git commit (``git rev-parse HEAD``) of the checkout this sam_jax was
+    imported from; None outside a git checkout, without git, or after a 10 s
+    timeout. Asked once per process."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    git = os.path.join(os.path.dirname(here), ".git")
     try:
-        with open(os.path.join(git, "HEAD")) as f:
-            head = f.read().strip()
-        if not head.startswith("ref:"):
-            return head or None
-        ref = head.split(None, 1)[1]
-        path = os.path.join(git, ref)
-        if os.path.exists(path):
-            with open(path) as f:
-                return f.read().strip() or None
-        with open(os.path.join(git, "packed-refs")) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 2 and parts[1] == ref:
-                    return parts[0]
-    except OSError:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(here),
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
         return None
-    return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
 
 
 def _code_version() -> dict:
@@ -295,21 +219,71 @@ def _warn_code_change(meta: dict, directory: str) -> None:
 
 
 # ----------------------------------------------------------------------- run
-def run(config: TrainConfig) -> RunResult:
-    """Trains according to ``config`` and returns the final variables and history.
+@dataclasses.dataclass
+class RunSetup:
+    """What a run needs, derived once from its config (`prepare`).
 
-    Resumes automatically from the latest checkpoint in ``config.workdir`` (when
-    ``config.resume``), otherwise starts from ``init_from``/``init_step`` or from a
-    fresh initialization. A finished run called again returns at once.
-
-    Raises:
-      ValueError: invalid config (unknown dataset/model/optimizer, ρ < 0, malformed
-        phases, batch size not divisible by the devices, ...).
-      CheckpointError (a ValueError): missing, corrupt or mismatched checkpoint.
-      TrainingDiverged: NaN/inf loss; the last good checkpoint stays intact.
+    Attributes:
+      config, cache: the run's config and compile cache.
+      phases: the parsed phases; optimizers: one `PhaseOptimizer` per phase.
+      model, mesh, shards: the Flax module, the data mesh and its device count.
+      train_ds, test_ds, num_classes: the data.
+      steps_per_epoch, total_epochs, schedule: the global step axis and its lr.
+      eval_batch_size: the test batch size (capped, a multiple of ``shards``).
+      workdir: absolute run directory.
     """
-    from sam_jax.train.workdir import check_usable
-    check_usable(config.workdir)  # a file / read-only workdir: one WorkdirError, no write
+
+    config: TrainConfig
+    cache: CompileCache
+    phases: list
+    optimizers: list
+    model: Any
+    mesh: Any
+    shards: int
+    train_ds: Any
+    test_ds: Any
+    num_classes: int
+    steps_per_epoch: int
+    total_epochs: int
+    schedule: Any
+    eval_batch_size: int
+    workdir: str
+
+    def train_step(self, opt: PhaseOptimizer, step_kind: Optional[bool] = None):
+        return self.cache.train_step(self.model, self.config, opt, self.mesh,
+                                     self.num_classes, step_kind)
+
+    def eval_step(self):
+        return self.cache.eval_step(self.model, self.config, self.mesh, self.num_classes)
+
+
+@dataclasses.dataclass
+class StartPoint:
+    """Where a run starts (`start_point`).
+
+    Attributes:
+      kind: ``"fresh"`` (initialization), ``"resume"`` (the workdir's own latest
+        checkpoint) or ``"branch"`` (``init_from``/``init_step``).
+      epoch: the first global epoch to train.
+      state: the train state at that point.
+      opt_phase: the phase whose optimizer ``state.opt_state`` belongs to (None:
+        no optimizer state yet).
+      grad_evals: cumulative gradient evaluations before ``epoch``.
+      wall_offset: the wall time already spent (a resume continues the clock).
+      checkpoint: the latest own checkpoint epoch (None when fresh or a branch).
+    """
+
+    kind: str
+    epoch: int
+    state: TrainState
+    opt_phase: Optional[int]
+    grad_evals: float
+    wall_offset: float
+    checkpoint: Optional[int]
+
+
+def prepare(config: TrainConfig, cache: Optional[CompileCache] = None) -> RunSetup:
+    """Validates ``config`` and builds everything its run needs but the state."""
     phases = check_config(config)
     from sam_jax.models import get_model
 
@@ -323,7 +297,6 @@ def run(config: TrainConfig) -> RunResult:
         raise ValueError(f"the per-device batch {config.batch_size // shards} (batch_size "
                          f"{config.batch_size} over {shards} devices) does not split into "
                          f"grad_accum={config.grad_accum} equal microbatches")
-
     steps_per_epoch = train_ds.steps_per_epoch(config.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {train_ds.num_examples} "
@@ -335,130 +308,218 @@ def run(config: TrainConfig) -> RunResult:
                              steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
     eval_bs = min(config.eval_batch_size, -(-test_ds.num_examples // shards) * shards)
     parallel.check_batch_size(eval_bs, mesh, "eval_batch_size")
+    return RunSetup(
+        config=config, cache=CompileCache.default() if cache is None else cache,
+        phases=phases,
+        optimizers=[PhaseOptimizer(config, phase, steps_per_epoch) for phase in phases],
+        model=model, mesh=mesh, shards=shards, train_ds=train_ds, test_ds=test_ds,
+        num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
+        schedule=schedule, eval_batch_size=eval_bs, workdir=os.path.abspath(config.workdir))
 
-    workdir = os.path.abspath(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    params, batch_stats = _init_variables(model, config, train_ds.input_shape, num_classes)
-    boundaries = config.phase_boundaries()
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
-                        keep_every=config.keep_every, keep_epochs=boundaries)
 
-    # ---- where to start: own checkpoint (resume) > init_from > fresh
-    start_epoch, opt_phase, opt_state, grad_evals, wall_offset = 0, None, None, 0.0, 0.0
+def start_point(setup: RunSetup, ckpt: Checkpointer) -> StartPoint:
+    """Where the run starts: its own latest checkpoint (resume) > ``init_from``
+    (branch) > a fresh initialization.
+
+    Raises:
+      CheckpointError: checkpoints exist and ``resume=False``, or the checkpoint
+        belongs to a run with another identity (`_check_resume_compatible`).
+    """
+    config = setup.config
+    params, batch_stats = _init_variables(setup.model, config, setup.train_ds.input_shape,
+                                          setup.num_classes, setup.cache)
     latest = ckpt.latest_epoch()
     if latest is not None and not config.resume:
         raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest epoch "
                               f"{latest}) and resume=False; use a new workdir")
     if latest is not None:
-        meta = ckpt.restore_meta(latest)
-        _check_resume_compatible(meta, config, ckpt.directory, ckpt.epochs(), shards)
-        params, batch_stats = ckpt.restore_variables(latest, params, batch_stats)
-        opt_phase = meta["opt_phase"]
-        if opt_phase is not None:
-            like = build_optimizer(
-                optimizer_spec(config, phases[opt_phase], steps_per_epoch)).init(params)
-            opt_state = ckpt.restore_opt_state(latest, like)
-        start_epoch, grad_evals = latest, meta["grad_evals"]
-        wall_offset = meta.get("wall_time", 0.0)
-    elif config.init_from is not None:
-        source = Checkpointer(checkpoint_dir(config.init_from), read_only=True, keep_last=None)
-        try:
-            meta = source.restore_meta(config.init_step)
-            params, batch_stats = source.restore_variables(config.init_step, params, batch_stats)
-            start_epoch, grad_evals = config.init_step, float(meta.get("grad_evals", 0.0))
-            # The optimizer state is reused only when this run trains the epoch before
-            # init_step with the same optimizer and the saved leaves fit it.
-            if config.init_step > 0:
-                prev = config.phase_index(config.init_step - 1)
-                like = build_optimizer(
-                    optimizer_spec(config, phases[prev], steps_per_epoch)).init(params)
-                if (meta.get("opt_name") == phases[prev].name
-                        and source.opt_state_matches(config.init_step, like)):
-                    opt_state, opt_phase = source.restore_opt_state(config.init_step, like), prev
-        finally:
-            source.close()
+        return _resume(setup, ckpt, latest, params, batch_stats)
+    if config.init_from is not None:
+        return _branch(setup, params, batch_stats)
+    return StartPoint("fresh", 0, TrainState(params, batch_stats, None), None, 0.0, 0.0, None)
 
-    repl = parallel.replicated(mesh)
-    state = TrainState(params, batch_stats, opt_state)
-    log = MetricsLog(workdir, keep_before_epoch=start_epoch if start_epoch else None,
-                     resumed=latest is not None)
-    # Only a fresh run, or a resume whose identity matched the checkpoint's (checked
-    # above, before anything was written), gets here: config.json always describes
-    # the config that produced the run's history (logistics fields may differ).
-    config_path = write_config(workdir, config.to_dict(), {
-        "num_classes": num_classes, "input_shape": list(train_ds.input_shape),
-        "steps_per_epoch": steps_per_epoch, "total_epochs": total_epochs,
-        "num_devices": shards, "resumed_from": start_epoch,
-        "sam_jax_git_commit": _git_commit()})
-    eval_fn = _eval_step(model, config, mesh, num_classes)
-    progress = Progress(total_epochs * steps_per_epoch, start_epoch * steps_per_epoch,
-                        config.progress)
-    t_start = time.time()
-    last_saved = latest if latest is not None else None
+
+def _resume(setup: RunSetup, ckpt: Checkpointer, latest: int, params, batch_stats) -> StartPoint:
+    meta = ckpt.restore_meta(latest)
+    _check_resume_compatible(meta, setup.config, ckpt.directory, ckpt.epochs(), setup.shards)
+    params, batch_stats = ckpt.restore_variables(latest, params, batch_stats)
+    opt_phase, opt_state = meta["opt_phase"], None
+    if opt_phase is not None:
+        like = setup.optimizers[opt_phase].init(params)
+        opt_state = ckpt.restore_opt_state(latest, like)
+    return StartPoint("resume", latest, TrainState(params, batch_stats, opt_state), opt_phase,
+                      meta["grad_evals"], meta.get("wall_time", 0.0), latest)
+
+
+def _branch(setup: RunSetup, params, batch_stats) -> StartPoint:
+    config = setup.config
+    source = Checkpointer(checkpoint_dir(config.init_from), read_only=True, keep_last=None)
+    opt_state, opt_phase = None, None
     try:
-        for epoch in range(start_epoch, total_epochs):
+        meta = source.restore_meta(config.init_step)
+        params, batch_stats = source.restore_variables(config.init_step, params, batch_stats)
+        # The optimizer state is reused only when this run trains the epoch before
+        # init_step with the same optimizer and the saved leaves fit it.
+        if config.init_step > 0:
+            prev = config.phase_index(config.init_step - 1)
+            like = setup.optimizers[prev].init(params)
+            if (meta.get("opt_name") == setup.phases[prev].name
+                    and source.opt_state_matches(config.init_step, like)):
+                opt_state, opt_phase = source.restore_opt_state(config.init_step, like), prev
+    finally:
+        source.close()
+    return StartPoint("branch", config.init_step, TrainState(params, batch_stats, opt_state),
+                      opt_phase, float(meta.get("grad_evals", 0.0)), 0.0, None)
+
+
+def train_epoch(setup: RunSetup, state: TrainState, epoch: int,
+                progress: Optional[Progress] = None) -> tuple[TrainState, dict]:
+    """Trains global epoch ``epoch`` (its phase's optimizer state already in ``state``).
+
+    The state passed in is donated to the compiled steps: use only the returned one.
+
+    Returns:
+      ``(state, record)``, the record holding the epoch's training metrics
+      (`_train_record`) and its last learning rate.
+    """
+    config, mesh = setup.config, setup.mesh
+    opt = setup.optimizers[config.phase_index(epoch)]
+    # One compiled step, or two kinds (expensive / cheap, as the algorithm declares)
+    # picked on the host by the transform's own rule on its count, read from the
+    # state at the epoch start (so a switch, 'carry', a resume and init_from all
+    # count right).
+    steps = {kind: setup.train_step(opt, kind) for kind in opt.step_kinds}
+    count = opt.count(state.opt_state) if opt.step_picker is not None else 0
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step_metrics, lr = [], 0.0
+    batches = setup.train_ds.batches(config.batch_size, seed=config.seed, epoch=epoch,
+                                     augment=True)
+    for i, batch in zip(range(setup.steps_per_epoch), batches):
+        global_step = epoch * setup.steps_per_epoch + i
+        lr = setup.schedule(global_step)
+        step_fn = steps[opt.pick(count)]
+        count += 1
+        state, metrics = step_fn(state, parallel.put_batch(batch, mesh), opt.hyperparams(lr),
+                                 dropout_key(config.seed, global_step, setup.shards))
+        step_metrics.append(metrics)
+        if progress is not None:
+            progress.update()
+    record = _train_record(jax.device_get(step_metrics))
+    record["lr"] = lr
+    return state, record
+
+
+def measure(setup: RunSetup, state: TrainState, epoch: int) -> dict:
+    """The evaluations due after ``epoch``: test loss/accuracy every ``eval_every``
+    epochs and at the end; λ_max every ``lambda_max_every`` epochs and at the end."""
+    config = setup.config
+    last = epoch + 1 == setup.total_epochs
+    out = {}
+    if last or (epoch + 1) % config.eval_every == 0:
+        out.update(_evaluate(setup.eval_step(), state, setup.test_ds, setup.eval_batch_size,
+                             setup.mesh))
+    if config.lambda_max_every and ((epoch + 1) % config.lambda_max_every == 0 or last):
+        out.update(_lambda_max(setup.model, state, setup.train_ds, config))
+    return out
+
+
+def checkpoint_due(setup: RunSetup, epoch: int) -> bool:
+    """Whether the state after ``epoch`` is saved: the last epoch, phase boundaries
+    (other runs branch from them) and every ``checkpoint_every`` epochs."""
+    done = epoch + 1
+    return (done == setup.total_epochs or done in setup.config.phase_boundaries()
+            or done % setup.config.checkpoint_every == 0)
+
+
+def save_checkpoint(setup: RunSetup, ckpt: Checkpointer, state: TrainState, epoch: int,
+                    opt_phase: int, grad_evals: float, wall_time: float) -> None:
+    """Saves the state after ``epoch`` with what a resume or a branch needs."""
+    meta = {"epoch": epoch + 1, "global_step": (epoch + 1) * setup.steps_per_epoch,
+            "opt_phase": opt_phase, "opt_name": setup.phases[opt_phase].name,
+            "grad_evals": grad_evals, "wall_time": wall_time,
+            "config": setup.config.to_dict(), "num_shards": setup.shards, **_code_version()}
+    ckpt.save(epoch + 1, state.params, state.batch_stats, state.opt_state, meta)
+
+
+def run(config: TrainConfig, cache: Optional[CompileCache] = None) -> RunResult:
+    """Trains according to ``config`` and returns the final variables and history.
+
+    Resumes automatically from the latest checkpoint in ``config.workdir`` (when
+    ``config.resume``), otherwise starts from ``init_from``/``init_step`` or from a
+    fresh initialization. A finished run called again returns at once (and says
+    so on the console when ``config.progress``).
+
+    Args:
+      config: the run.
+      cache: the compiled steps to reuse (`CompileCache`); None: the process-wide
+        `CompileCache.default()`, so repeated runs in one process (an experiment's
+        seeds, branches and sweeps) compile each kind of step once.
+
+    Raises:
+      ValueError: invalid config (unknown dataset/model/optimizer, ρ < 0, malformed
+        phases, batch size not divisible by the devices, ...).
+      CheckpointError (a ValueError): missing, corrupt or mismatched checkpoint.
+      TrainingDiverged: NaN/inf loss; the last good checkpoint stays intact.
+    """
+    from sam_jax.train.workdir import check_usable
+    check_usable(config.workdir)  # a file / read-only workdir: one WorkdirError, no write
+    setup = prepare(config, cache)
+    workdir = setup.workdir
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
+                        keep_every=config.keep_every, keep_epochs=config.phase_boundaries())
+    try:
+        start = start_point(setup, ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+    state, opt_phase, grad_evals = start.state, start.opt_phase, start.grad_evals
+    log = MetricsLog(workdir, keep_before_epoch=start.epoch if start.epoch else None,
+                     resumed=start.kind == "resume")
+    # Only a fresh run, or a resume whose identity matched the checkpoint's (checked
+    # in start_point, before anything was written), gets here: config.json always
+    # describes the config that produced the run's history (logistics may differ).
+    config_path = write_config(workdir, config.to_dict(), {
+        "num_classes": setup.num_classes, "input_shape": list(setup.train_ds.input_shape),
+        "steps_per_epoch": setup.steps_per_epoch, "total_epochs": setup.total_epochs,
+        "num_devices": setup.shards, "resumed_from": start.epoch,
+        "sam_jax_git_commit": _git_commit()})
+    progress = Progress(setup.total_epochs * setup.steps_per_epoch,
+                        start.epoch * setup.steps_per_epoch, config.progress)
+    if start.epoch == setup.total_epochs:
+        progress.already_complete(setup.total_epochs, workdir, log.path)
+    t_start = time.time()
+    last_saved = start.checkpoint
+    try:
+        for epoch in range(start.epoch, setup.total_epochs):
             phase_idx = config.phase_index(epoch)
-            phase = phases[phase_idx]
-            spec = optimizer_spec(config, phase, steps_per_epoch)
+            opt = setup.optimizers[phase_idx]
             if opt_phase != phase_idx:
-                state = _switch(state, config, spec, carry=opt_phase is not None)
+                state = state._replace(opt_state=opt.switch_from(state.opt_state, state.params))
                 opt_phase = phase_idx
-            state = jax.device_put(state, repl)
-            picker = _host_step_picker(config, spec)
-            if picker is None:
-                step_fn = _train_step(model, config, spec, mesh, num_classes)
-            else:
-                # Two compiled step kinds (expensive / cheap, as the algorithm
-                # declares), picked on the host by the transform's own rule on its
-                # count, read from the state at each epoch start (so a switch,
-                # 'carry', a resume and init_from all count right).
-                kind_steps = {flag: _train_step(model, config, spec, mesh, num_classes, flag)
-                              for flag in (False, True)}
-                count = int(jax.device_get(state.opt_state[PERTURBATION_INDEX].count))
-            progress.describe(epoch, phase.name)
+            progress.describe(epoch, opt.name)
             t_epoch = time.time()
-            step_metrics, lr = [], 0.0
-            batches = train_ds.batches(config.batch_size, seed=config.seed, epoch=epoch,
-                                       augment=True)
-            for i, batch in zip(range(steps_per_epoch), batches):
-                global_step = epoch * steps_per_epoch + i
-                lr = schedule(global_step)
-                rng = dropout_key(config.seed, global_step, shards)
-                if picker is not None:
-                    step_fn = kind_steps[picker(count)]
-                    count += 1
-                state, metrics = step_fn(state, parallel.put_batch(batch, mesh),
-                                         np.float32(lr), rng)
-                step_metrics.append(metrics)
-                progress.update()
-            grad_evals += _grad_evals_per_step(spec) * steps_per_epoch
-            record = _train_record(jax.device_get(step_metrics))
-            if not (math.isfinite(record["train_loss"]) and _all_finite(state.params)):
+            state, train = train_epoch(setup, state, epoch, progress)
+            grad_evals += opt.grad_evals_per_step * setup.steps_per_epoch
+            if not (math.isfinite(train["train_loss"]) and _all_finite(state.params)):
                 where = (f"last good checkpoint: epoch {last_saved} in {ckpt.directory}"
                          if last_saved is not None else "no checkpoint was saved")
                 raise TrainingDiverged(
-                    f"training diverged in epoch {epoch} (phase {phase.name}, lr {lr:.4g}): "
-                    f"non-finite loss or parameters; nothing was saved for this epoch ({where})")
-            record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch,
-                      "phase": phase.name, "phase_index": phase_idx, "optimizer": phase.name,
-                      "rho": spec.rho if phase.name != "sgd" else 0.0, "lr": lr,
-                      "grad_evals": grad_evals, **record}
-            last = epoch + 1 == total_epochs
-            if last or (epoch + 1) % config.eval_every == 0:
-                record.update(_evaluate(eval_fn, state, test_ds, eval_bs, mesh))
-            if config.lambda_max_every and ((epoch + 1) % config.lambda_max_every == 0 or last):
-                record.update(_lambda_max(model, state, train_ds, config))
+                    f"training diverged in epoch {epoch} (phase {opt.name}, lr "
+                    f"{train['lr']:.4g}): non-finite loss or parameters; nothing was saved "
+                    f"for this epoch ({where})")
+            record = {"epoch": epoch, "step": (epoch + 1) * setup.steps_per_epoch,
+                      "phase": opt.name, "phase_index": phase_idx, "optimizer": opt.name,
+                      "rho": opt.rho, "lr": train.pop("lr"), "grad_evals": grad_evals,
+                      **train}
+            record.update(measure(setup, state, epoch))
             record["epoch_time"] = time.time() - t_epoch
-            record["wall_time"] = wall_offset + time.time() - t_start
+            record["wall_time"] = start.wall_offset + time.time() - t_start
             log.append(record)
-            progress.describe(epoch, phase.name, record)
-            if last or (epoch + 1) in boundaries or (epoch + 1) % config.checkpoint_every == 0:
-                meta = {"epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch,
-                        "opt_phase": opt_phase, "opt_name": phase.name,
-                        "grad_evals": grad_evals, "wall_time": record["wall_time"],
-                        "config": config.to_dict(), "num_shards": shards,
-                        **_code_version()}
-                ckpt.save(epoch + 1, state.params, state.batch_stats, state.opt_state, meta)
+            progress.epoch_done(record)
+            if checkpoint_due(setup, epoch):
+                save_checkpoint(setup, ckpt, state, epoch, opt_phase, grad_evals,
+                                record["wall_time"])
                 last_saved = epoch + 1
     finally:
         progress.close()
@@ -469,8 +530,8 @@ def run(config: TrainConfig) -> RunResult:
         variables["batch_stats"] = state.batch_stats
     return RunResult(variables=variables, history=list(log.records), config=config,
                      workdir=workdir, checkpoint_dir=ckpt.directory, metrics_path=log.path,
-                     config_path=config_path, final_epoch=total_epochs, grad_evals=grad_evals,
-                     resumed_from=start_epoch)
+                     config_path=config_path, final_epoch=setup.total_epochs,
+                     grad_evals=grad_evals, resumed_from=start.epoch)
 
 
 def dropout_key(seed: int, global_step: int, num_shards: int = 1) -> np.ndarray:
@@ -490,24 +551,23 @@ def _version() -> str:
     return sam_jax.__version__
 
 
-def _switch(state: TrainState, config: TrainConfig, spec: OptimizerSpec, carry: bool) -> TrainState:
-    """A fresh optimizer for the new phase; with ``momentum_at_switch='carry'`` the
-    momentum buffer of the previous phase is kept (the paper's code resets it)."""
-    new_opt_state = build_optimizer(spec).init(state.params)
-    if carry and config.momentum_at_switch == "carry":
-        parts = list(new_opt_state)
-        parts[TRACE_INDEX] = state.opt_state[TRACE_INDEX]
-        new_opt_state = tuple(parts)
-    return state._replace(opt_state=new_opt_state)
-
-
 def _train_record(step_metrics: list[dict]) -> dict:
+    """An epoch's training record from its steps' metrics.
+
+    ``train_loss``/``train_acc``: over the epoch's examples; ``grad_norm``,
+    ``perturbation_norm`` and ``update_norm`` (‖θ_after − θ_before‖ of a step): the
+    mean over the epoch's steps; ``param_norm``: ‖θ‖ after the epoch's last step
+    (the norm of the parameters a checkpoint at this epoch saves); the algorithm's
+    declared fields: their latest value.
+    """
     count = sum(float(m["count"]) for m in step_metrics)
     record = {
         "train_loss": sum(float(m["loss_sum"]) for m in step_metrics) / count,
         "train_acc": sum(float(m["correct"]) for m in step_metrics) / count,
         "grad_norm": float(np.mean([m["grad_norm"] for m in step_metrics])),
         "perturbation_norm": float(np.mean([m["perturbation_norm"] for m in step_metrics])),
+        "update_norm": float(np.mean([m["update_norm"] for m in step_metrics])),
+        "param_norm": float(step_metrics[-1]["param_norm"]),
     }
     for key in step_metrics[0]:  # the algorithm's declared logged fields
         if key not in _STEP_METRICS:
@@ -516,7 +576,8 @@ def _train_record(step_metrics: list[dict]) -> dict:
 
 
 # Metrics every train step returns (`make_train_step`); others are the algorithm's.
-_STEP_METRICS = ("loss_sum", "correct", "count", "grad_norm", "perturbation_norm")
+_STEP_METRICS = ("loss_sum", "correct", "count", "grad_norm", "perturbation_norm",
+                 "update_norm", "param_norm")
 
 
 def _evaluate(eval_fn, state: TrainState, dataset, batch_size: int, mesh) -> dict:
@@ -573,12 +634,15 @@ def make_evaluator(model, batch_size: int = 500, mesh=None):
 
 def _lambda_max(model, state: TrainState, dataset, config: TrainConfig) -> dict:
     """Top-2 Hessian eigenvalues by Lanczos on the first ``lambda_max_examples``
-    un-augmented training examples (late-phase SAM protocol, papers.md §2)."""
+    un-augmented training examples (late-phase SAM protocol, papers.md §2), the
+    Hessian-vector products taken over chunks of ``lambda_max_chunk`` examples
+    (128, with BatchNorm statistics per chunk in ``batch`` mode: [code], the
+    late-phase SAM authors' code, zzp1012/SAM-in-Late-Phase)."""
     from sam_jax import curvature
 
     n = min(config.lambda_max_examples, dataset.num_examples)
     arrays = dataset.subset(n).arrays()
-    size = config.eval_batch_size
+    size = config.lambda_max_chunk
     batches = [{"x": arrays["x"][i:i + size], "y": arrays["y"][i:i + size]}
                for i in range(0, n, size)]
     variables = {"params": state.params}

@@ -61,14 +61,18 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.device_put(batch, batch_sharded(mesh))
 
 
-def jit_train_step(step: Callable, mesh: Mesh, per_device: bool) -> Callable:
-    """Jit ``step(state, batch, lr, rng) -> (state, metrics)`` over ``mesh``.
+def jit_train_step(step: Callable, mesh: Mesh, per_device: bool,
+                   donate_state: bool = False) -> Callable:
+    """Jit ``step(state, batch, hyper, rng) -> (state, metrics)`` over ``mesh``.
 
     Args:
       step: from `sam_jax.train.step.make_train_step` (built with
         ``axis_name='data'`` when ``per_device``).
       mesh: the data mesh.
       per_device: run ``step`` per device inside ``jax.shard_map``.
+      donate_state: donate the input state's buffers to the output state (no
+        second copy of params and optimizer state in memory); the caller must not
+        read the state it passed in after the call (its arrays are deleted).
 
     Returns:
       The jitted step; the state and metrics come out replicated.
@@ -79,7 +83,8 @@ def jit_train_step(step: Callable, mesh: Mesh, per_device: bool) -> Callable:
         # pmean-ed outputs are replicated by construction.
         step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P()),
                              out_specs=(P(), P()), check_vma=False)
-    return jax.jit(step, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl))
+    return jax.jit(step, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,) if donate_state else ())
 
 
 def jit_eval_step(step: Callable, mesh: Mesh) -> Callable:

@@ -9,8 +9,9 @@ One step of any phase:
    elsewhere. ``grad_fn`` runs the model in train mode (batch statistics) but
    **discards** the statistics it computes, so BatchNorm's state comes from the
    clean pass only (official JAX SAM; updating them twice is davda54/sam #17);
-3. ``params <- params - lr * direction``; ``lr`` is an argument computed on the host
-   from the global step, so one compiled step serves every schedule and phase.
+3. ``params <- params - lr * direction``; ``lr`` (and, with ``traced_rho``, ρ) is
+   an argument computed on the host, so one compiled step serves every schedule
+   and phase (and every ρ > 0).
 
 With ``grad_accum=K`` (gradient accumulation) steps 1-2 run once per microbatch
 (the perturbation per microbatch) and the rest of the chain once per step on the
@@ -18,6 +19,8 @@ mean of the K perturbed gradients; see `make_train_step`.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -67,12 +70,6 @@ class OptimizerSpec(NamedTuple):
     nesterov: bool
     weight_decay: float
     clip_norm: Optional[float]
-
-
-# Index of the perturbation and of the momentum trace in `build_optimizer`'s chain;
-# `momentum_at_switch='carry'` copies the element at TRACE_INDEX across a switch.
-PERTURBATION_INDEX = 0
-TRACE_INDEX = -1
 
 
 def build_optimizer(spec: OptimizerSpec, axis_name: Optional[str] = None,
@@ -125,6 +122,18 @@ def l2_penalty(params: Params) -> jax.Array:
     return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
 
 
+def _hyper(hyper) -> tuple:
+    """``(lr, rho)`` from a step's third argument: ``{"lr", "rho"}`` or a bare lr."""
+    if isinstance(hyper, dict):
+        return hyper["lr"], hyper.get("rho")
+    return hyper, None
+
+
+def _sum_trees(trees: list):
+    """``((t0 + t1) + t2) ...`` leaf by leaf (the first tree as is when alone)."""
+    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees)
+
+
 def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: float,
                     l2_weight_decay: float, axis_name: Optional[str] = None,
                     sync_perturbation: bool = True,
@@ -132,12 +141,18 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
                     step_kind: Optional[bool] = None,
                     grad_accum: int = 1,
                     accum_epsilon: str = "microbatch",
+                    traced_rho: bool = False,
+                    nonzero_rho_hint: Optional[Callable] = None,
                     **step_kind_alias) -> Callable:
-    """The pure train step ``(state, batch, lr, rng) -> (state, metrics)``.
+    """The pure train step ``(state, batch, hyper, rng) -> (state, metrics)``.
 
     Everything algorithm-specific comes from the phase's declaration
     (`sam_jax.optim.registry`): the extra ``update`` inputs it asks for, the fields
-    it logs, and its step kinds.
+    it logs, and its step kinds. One code path serves every case: the clean pass
+    runs once per microbatch (one microbatch without accumulation), then the
+    transform runs either once on the mean gradient (no accumulation, or
+    ``accum_epsilon="batch"``) or, per-microbatch ε, its perturbation once per
+    microbatch and the rest of the chain once on the mean.
 
     Args:
       model: Flax module ``__call__(x, train)``.
@@ -168,18 +183,29 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         through the rest of the chain once. BatchNorm: each microbatch is
         normalized by its own statistics; the new running statistics are the mean
         of the K microbatches' updates of the step's statistics (one EMA update
-        per step). K = 1 is the plain step (the same code, bit for bit).
+        per step). K = 1 is the plain step.
       accum_epsilon: with K > 1, ``"microbatch"`` (above) or ``"batch"``: full-batch
         ε, exact: the ascent gradient is the mean of the microbatches' clean
         gradients and ``grad_fn`` (and the eval-mode one) the mean of their
         gradient functions, so the transform runs once per step on the whole
         batch's gradients (without BatchNorm: the K = 1 step, to float rounding;
         step kinds work as without accumulation). Same cost in gradients.
+      traced_rho: build the transform inside the step from ``hyper["rho"]`` (a
+        traced scalar), so one compiled step serves every ρ > 0 of this spec; the
+        spec's own ρ must then be nonzero (ρ = 0 compiles without the second
+        gradient). False: the spec's ρ is a constant of the program.
+      nonzero_rho_hint: with ``traced_rho``, a context manager factory under which
+        the transform takes the traced ρ to be nonzero (no ``lax.cond``), e.g.
+        ``sam_jax.optim._core.assume_nonzero_rho`` where it exists.
 
     Returns:
-      ``step(state, batch, lr, rng)``; ``metrics`` holds sums over the batch
-      (``loss_sum``, ``correct``, ``count``), the norms ``grad_norm``,
-      ``perturbation_norm`` and the algorithm's declared logged fields.
+      ``step(state, batch, hyper, rng)``, ``hyper`` a dict ``{"lr", "rho"}`` of
+      scalars (or the bare learning rate, as older callers pass it: then ρ is the
+      spec's). ``metrics`` holds sums over the batch (``loss_sum``, ``correct``,
+      ``count``), the norms ``grad_norm`` (of the clean gradient, mean over
+      microbatches), ``perturbation_norm`` (‖ε‖), ``param_norm`` (‖θ‖ after the
+      step), ``update_norm`` (‖θ_after - θ_before‖) and the algorithm's declared
+      logged fields.
     """
     declared = optim_registry.algorithm(spec.name)
     own_arg = declared.step_kind_arg
@@ -201,9 +227,12 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
     if accum_epsilon not in ACCUM_EPSILON:
         raise ValueError(f"accum_epsilon must be one of {ACCUM_EPSILON}, got {accum_epsilon!r}")
-    parts = optimizer_parts(spec, axis_name, sync_perturbation)
-    tx = optax.chain(*parts)
     passes_through = spec.name == "sgd" or spec.rho == 0
+    if traced_rho and passes_through:
+        raise ValueError("traced_rho needs a phase with a perturbation and rho != 0 "
+                         f"(got {spec.name!r}, rho={spec.rho})")
+    parts = optimizer_parts(spec, axis_name, sync_perturbation)  # validates the options
+    per_microbatch = grad_accum > 1 and accum_epsilon == "microbatch"
 
     def loss_and_aux(params, batch_stats, batch, rng, train=True):
         variables = {"params": params}
@@ -235,39 +264,77 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
                                  f"engine does not provide ({optim_core.ENGINE_INPUTS})")
         return extra
 
-    def step(state: TrainState, batch, lr, rng):
+    def split(batch, rng) -> list:
+        """``[(microbatch, its dropout key)]``: the batch itself when K = 1."""
+        if grad_accum == 1:
+            return [(batch, rng)]
+        size = batch["y"].shape[0]
+        if size % grad_accum:
+            raise ValueError(f"the (per-device) batch of {size} examples does not split into "
+                             f"grad_accum={grad_accum} equal microbatches")
+        m = size // grad_accum
+        return [(jax.tree.map(lambda x, j=j: x[j * m:(j + 1) * m], batch),
+                 jax.random.fold_in(rng, j)) for j in range(grad_accum)]
+
+    def clean_pass(state: TrainState, micro, micro_rng, lr) -> dict:
+        """One microbatch at ``params``: its gradient, BN statistics, sums and the
+        gradient functions the transform may call."""
+        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
+        (_, (loss, logits, stats)), grads = grad_of(state.params, state.batch_stats,
+                                                   micro, micro_rng)
+        weights = _example_weights(micro)
+        return {
+            "grads": grads, "batch_stats": stats,
+            "sums": {"loss_sum": loss * jnp.sum(weights),
+                     "correct": jnp.sum((jnp.argmax(logits, -1) == micro["y"]) * weights),
+                     "count": jnp.sum(weights)},
+            # train-mode BN; the statistics it computes are discarded
+            "grad_fn": jax.grad(lambda p: loss_and_aux(p, state.batch_stats, micro,
+                                                       micro_rng)[0]),
+            "extra": update_inputs(state, micro, lr, micro_rng),
+        }
+
+    def mean(trees: list):
+        if len(trees) == 1:
+            return trees[0]
+        return jax.tree.map(lambda x: x / grad_accum, _sum_trees(trees))
+
+    def mean_of(fns: list) -> Callable:
+        if len(fns) == 1:
+            return fns[0]
+
+        def fn(params):  # one microbatch's backward pass at a time
+            return mean([f(params) for f in fns])
+        return fn
+
+    def step(state: TrainState, batch, hyper, rng):
+        lr, rho = _hyper(hyper)
+        if traced_rho and rho is None:
+            raise ValueError("a traced-rho step needs hyper={'lr': ..., 'rho': ...}")
         if axis_name is not None:  # a different dropout key per device (see loop.dropout_key)
             rng = rng.at[1].add(jax.lax.axis_index(axis_name).astype(rng.dtype))
-        if grad_accum > 1 and accum_epsilon == "batch":
-            return batch_epsilon_step(state, batch, lr, rng)
-        if grad_accum > 1:
-            return accumulated_step(state, batch, lr, rng)
-        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
-        (_, (loss, logits, new_stats)), grads = grad_of(state.params, state.batch_stats, batch, rng)
-
-        def grad_fn(params):  # train-mode BN; its updated statistics are discarded
-            return jax.grad(lambda p: loss_and_aux(p, state.batch_stats, batch, rng)[0])(params)
-
-        extra = update_inputs(state, batch, lr, rng)
-        grad_norm = optax.tree.norm(grads)
-        direction, opt_state = tx.update(grads, state.opt_state, state.params,
-                                         grad_fn=grad_fn, **extra)
-        if axis_name is not None and passes_through:
+        hint = (nonzero_rho_hint() if traced_rho and nonzero_rho_hint is not None
+                else contextlib.nullcontext())
+        with hint:
+            chain = (optimizer_parts(spec._replace(rho=rho), axis_name, sync_perturbation)
+                     if traced_rho else parts)
+            passes = [clean_pass(state, micro, r, lr) for micro, r in split(batch, rng)]
+            if per_microbatch:
+                direction, opt_state, pert_stats = per_microbatch_update(state, chain, passes)
+            else:
+                direction, opt_state, pert_stats = whole_batch_update(state, chain, passes)
+        if axis_name is not None and passes_through and not per_microbatch:
             # The identity / rho = 0 transform returns the local gradient untouched.
             direction = jax.lax.pmean(direction, axis_name)
         params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), state.params, direction)
 
-        weights = _example_weights(batch)
-        correct = jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * weights)
-        metrics = {"loss_sum": loss * jnp.sum(weights), "correct": correct,
-                   "count": jnp.sum(weights), "grad_norm": grad_norm}
-        stats = optim.perturbation_stats(opt_state)
-        metrics["perturbation_norm"] = stats.get("perturbation_norm", jnp.zeros((), jnp.float32))
-        for key in logged:
-            metrics[key] = stats[key]
-        return finish(params, new_stats, opt_state, metrics)
-
-    def finish(params, new_stats, opt_state, metrics):
+        metrics = dict(_sum_trees([p["sums"] for p in passes]))
+        metrics["grad_norm"] = optax.tree.norm(mean([p["grads"] for p in passes]))
+        metrics.update(pert_stats)
+        metrics["param_norm"] = optax.tree.norm(params)
+        metrics["update_norm"] = optax.tree.norm(jax.tree.map(jnp.subtract, params,
+                                                              state.params))
+        new_stats = mean([p["batch_stats"] for p in passes])
         if axis_name is not None:
             sums = {k: jax.lax.psum(metrics[k], axis_name) for k in ("loss_sum", "correct", "count")}
             means = jax.lax.pmean({k: v for k, v in metrics.items() if k not in sums}, axis_name)
@@ -275,107 +342,59 @@ def make_train_step(model: nn.Module, spec: OptimizerSpec, *, label_smoothing: f
             new_stats = jax.lax.pmean(new_stats, axis_name)
         return TrainState(params, new_stats, opt_state), metrics
 
-    perturbation, rest = parts[0], optax.chain(*parts[1:])
+    def logged_stats(stats: dict) -> dict:
+        out = {"perturbation_norm": stats.get("perturbation_norm", jnp.zeros((), jnp.float32))}
+        out.update({key: stats[key] for key in logged})
+        return out
 
-    def split(batch, rng):
-        size = batch["y"].shape[0]
-        if size % grad_accum:
-            raise ValueError(f"the (per-device) batch of {size} examples does not split into "
-                             f"grad_accum={grad_accum} equal microbatches")
-        m = size // grad_accum
-        micros = [jax.tree.map(lambda x, j=j: x[j * m:(j + 1) * m], batch)
-                  for j in range(grad_accum)]
-        return micros, [jax.random.fold_in(rng, j) for j in range(grad_accum)]
-
-    def mean_of(fns):
-        def fn(params):
-            total = None
-            for f in fns:  # one microbatch's backward pass at a time
-                g = f(params)
-                total = g if total is None else jax.tree.map(jnp.add, total, g)
-            return jax.tree.map(lambda x: x / len(fns), total)
-        return fn
-
-    def batch_epsilon_step(state: TrainState, batch, lr, rng):
-        # Full-batch ε: the ascent gradient and every gradient the transform asks
-        # for are means over the microbatches, i.e. the whole batch's (without BN);
-        # the transform runs once per step, so step kinds work as without accumulation.
-        micros, rngs = split(batch, rng)
-        grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
-        totals, grad_fns, eval_fns = None, [], []
-        for micro, micro_rng in zip(micros, rngs):
-            (_, (loss, logits, stats_j)), grads = grad_of(state.params, state.batch_stats,
-                                                         micro, micro_rng)
-            weights = _example_weights(micro)
-            sums = {"grads": grads, "batch_stats": stats_j,
-                    "loss_sum": loss * jnp.sum(weights), "count": jnp.sum(weights),
-                    "correct": jnp.sum((jnp.argmax(logits, -1) == micro["y"]) * weights)}
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            grad_fns.append(jax.grad(lambda p, micro=micro, r=micro_rng:
-                                     loss_and_aux(p, state.batch_stats, micro, r)[0]))
-            eval_fns.append(update_inputs(state, micro, lr, micro_rng))
-        mean = lambda tree: jax.tree.map(lambda x: x / grad_accum, tree)  # noqa: E731
-        grads = mean(totals["grads"])
-        extra = dict(eval_fns[0])
+    def whole_batch_update(state: TrainState, chain: list, passes: list):
+        # The transform runs once, on the (mean) clean gradient; every gradient it
+        # asks for is the mean over the microbatches, i.e. the whole batch's
+        # (without BN); step kinds work as without accumulation.
+        extra = dict(passes[0]["extra"])
         if optim_core.EVAL_MODE_GRAD_FN in extra:
             extra[optim_core.EVAL_MODE_GRAD_FN] = mean_of(
-                [e[optim_core.EVAL_MODE_GRAD_FN] for e in eval_fns])
-        direction, opt_state = tx.update(grads, state.opt_state, state.params,
-                                         grad_fn=mean_of(grad_fns), **extra)
-        if axis_name is not None and passes_through:
-            direction = jax.lax.pmean(direction, axis_name)
-        params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), state.params, direction)
-        metrics = {k: totals[k] for k in ("loss_sum", "correct", "count")}
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        stats = optim.perturbation_stats(opt_state)
-        metrics["perturbation_norm"] = stats.get("perturbation_norm", jnp.zeros((), jnp.float32))
-        for key in logged:
-            metrics[key] = stats[key]
-        return finish(params, mean(totals["batch_stats"]), opt_state, metrics)
+                [p["extra"][optim_core.EVAL_MODE_GRAD_FN] for p in passes])
+        direction, opt_state = optax.chain(*chain).update(
+            mean([p["grads"] for p in passes]), state.opt_state, state.params,
+            grad_fn=mean_of([p["grad_fn"] for p in passes]), **extra)
+        return direction, opt_state, logged_stats(optim.perturbation_stats(opt_state))
 
-    def accumulated_step(state: TrainState, batch, lr, rng):
-        # K microbatches in order, unrolled (XLA:CPU runs convolutions inside while
-        # bodies far slower, jax-ml/jax#12868); the perturbation's state is threaded.
-        micros, rngs = split(batch, rng)
-        pert_state = state.opt_state[0]
-        totals, per_micro = None, []
-        for micro, micro_rng in zip(micros, rngs):
-            grad_of = jax.value_and_grad(loss_and_aux, has_aux=True)
-            (_, (loss, logits, stats_j)), grads = grad_of(state.params, state.batch_stats,
-                                                         micro, micro_rng)
-
-            def grad_fn(params, micro=micro, micro_rng=micro_rng):
-                return jax.grad(
-                    lambda p: loss_and_aux(p, state.batch_stats, micro, micro_rng)[0])(params)
-
-            extra = update_inputs(state, micro, lr, micro_rng)
-            direction, pert_state = perturbation.update(grads, pert_state, state.params,
-                                                        grad_fn=grad_fn, **extra)
-            weights = _example_weights(micro)
-            correct = jnp.sum((jnp.argmax(logits, -1) == micro["y"]) * weights)
-            sums = {"direction": direction, "grads": grads, "batch_stats": stats_j,
-                    "loss_sum": loss * jnp.sum(weights), "correct": correct,
-                    "count": jnp.sum(weights)}
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    def per_microbatch_update(state: TrainState, chain: list, passes: list):
+        # The chain's first transform (the perturbation) once per microbatch, in
+        # order, its state threaded; the rest once on the mean of their outputs.
+        # Unrolled: XLA:CPU runs convolutions inside while bodies far slower
+        # (jax-ml/jax#12868).
+        perturbation, rest = chain[0], optax.chain(*chain[1:])
+        pert_state, rest_state = _split_chain_state(state.opt_state)
+        directions, per_micro = [], []
+        for p in passes:
+            direction, pert_state = perturbation.update(p["grads"], pert_state, state.params,
+                                                        grad_fn=p["grad_fn"], **p["extra"])
+            directions.append(direction)
             per_micro.append(optim.perturbation_stats((pert_state,)))
-        mean = lambda tree: jax.tree.map(lambda x: x / grad_accum, tree)  # noqa: E731
-        direction = mean(totals["direction"])
+        direction = mean(directions)
         if axis_name is not None and passes_through:
             direction = jax.lax.pmean(direction, axis_name)
-        direction, rest_state = rest.update(direction, tuple(state.opt_state[1:]), state.params)
-        opt_state = (pert_state, *rest_state)
-        params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), state.params, direction)
-        new_stats = mean(totals["batch_stats"])
-        metrics = {k: totals[k] for k in ("loss_sum", "correct", "count")}
-        metrics["grad_norm"] = optax.tree.norm(mean(totals["grads"]))
+        direction, rest_state = rest.update(direction, rest_state, state.params)
         zero = jnp.zeros((), jnp.float32)
-        metrics["perturbation_norm"] = sum(s.get("perturbation_norm", zero)
-                                           for s in per_micro) / grad_accum
-        for key in logged:  # the latest value, as without accumulation
-            metrics[key] = per_micro[-1][key]
-        return finish(params, new_stats, opt_state, metrics)
+        stats = {"perturbation_norm": sum(s.get("perturbation_norm", zero)
+                                          for s in per_micro) / grad_accum}
+        stats.update({key: per_micro[-1][key] for key in logged})  # the latest value
+        return direction, _join_chain_state(pert_state, rest_state), stats
 
     return step
+
+
+def _split_chain_state(opt_state) -> tuple:
+    """``(perturbation state, state of the rest of the chain)`` of `build_optimizer`'s
+    chain (its layout is `optimizer_parts`'s: the perturbation first)."""
+    return opt_state[0], tuple(opt_state[1:])
+
+
+def _join_chain_state(perturbation_state, rest_state) -> tuple:
+    """The inverse of `_split_chain_state`."""
+    return (perturbation_state, *rest_state)
 
 
 def make_eval_step(model: nn.Module, axis_name: Optional[str] = None) -> Callable:
