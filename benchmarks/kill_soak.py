@@ -18,6 +18,7 @@ subprocess and killed with SIGKILL at a moment drawn for each kill (seeded):
   its checkpoint).
 
 The watcher polls the workdir every ~0.2 ms and kills when it sees the moment
+(leftovers of the previous kill, until the resume cleans them up, do not count)
 (after a random number of earlier occurrences of it, so kills spread over the
 run); a moment whose window closes before the signal lands is reported as such
 (the "left behind" column says what the kill left on disk). Each kill is followed
@@ -122,8 +123,14 @@ def _run_until(workdir: str, moment: str, skip: int, delay: float, log) -> dict:
     proc = subprocess.Popen(_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=_env(), cwd=ROOT, text=True)
     seen, was_in, last_size, killed_state = 0, False, -1, None
+    # leftovers of the previous kill (a tmp dir, a step in the trash) are not "in
+    # flight": they are ignored until they disappear (cleaned up by the resume)
+    old = _observe(workdir)
     while proc.poll() is None:
         state = _observe(workdir)
+        for key in ("ckpt_tmp", "trash", "rewrite"):
+            old[key] = [n for n in old[key] if n in state[key]]
+            state[key] = [n for n in state[key] if n not in old[key]]
         if moment == "random":
             hit = time.time() - start >= delay
         else:

@@ -449,6 +449,8 @@ def test_cli_data_dir_maps_onto_dataset_kwargs():
                                                "--dataset-kwargs", '{"num_train": 10}']))
     data_dir = args.pop("data_dir")
     args.pop("cpu_devices")
+    plain = vars(cli.build_parser().parse_args([]))
+    assert "data_dir" not in plain  # vars(parse_args()) still maps onto TrainConfig
     cli._apply_data_dir(args, data_dir)
     assert args["dataset_kwargs"] == {"num_train": 10, "data_dir": "/d"}
     assert TrainConfig(**args).dataset_kwargs["data_dir"] == "/d"

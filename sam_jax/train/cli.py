@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs["type"] = str
         parser.add_argument(flag, dest=field.name, **kwargs)
-    parser.add_argument("--data-dir", default=None,
+    # SUPPRESS: absent from the namespace unless given, so that code mapping
+    # ``vars(parse_args(...))`` onto TrainConfig keeps working
+    parser.add_argument("--data-dir", default=argparse.SUPPRESS,
                         help="TFDS data directory of a TFDS dataset (cifar10, cifar100, svhn, "
                              "fashion_mnist, mnist); sets dataset_kwargs['data_dir'] "
                              "(default: TFDS's own)")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     cpu_devices = args.pop("cpu_devices")
-    data_dir = args.pop("data_dir")
+    data_dir = args.pop("data_dir", None)
     warnings.showwarning = _show_warning
     try:
         _apply_data_dir(args, data_dir)
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """Prints one ``error:`` line (with the ``--help`` pointer for exit status 2)."""
+    print(f"error: {message}" + (f" {HELP_POINTER}" if code == 2 else ""), file=sys.stderr)
     return code
 
 
