@@ -208,6 +208,33 @@ def test_every_checkpoint_corrupt_is_refused_and_nothing_deleted(copy):
     assert (copy / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_a_run_saved_on_4_devices_loads_and_verifies_on_1(finished, tmp_path):
+    """Another device count is not corruption: a 1-device process (a subprocess;
+    the tests run on 4 simulated devices) verifies and loads the run's newest
+    checkpoint, without a CorruptCheckpointWarning, to the same numbers."""
+    assert len(jax.devices()) == 4
+    out = tmp_path / "params.npz"
+    code = (
+        "import warnings, jax, numpy as np\n"
+        "warnings.simplefilter('error')\n"
+        "assert len(jax.devices()) == 1\n"
+        "from sam_jax.train import load_variables\n"
+        f"v = load_variables({finished.workdir!r})\n"
+        "leaves = jax.tree_util.tree_leaves_with_path(v)\n"
+        f"np.savez({str(out)!r}, **{{jax.tree_util.keystr(p): np.asarray(x) "
+        "for p, x in leaves})\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = np.load(out)
+    want = {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(finished.variables)}
+    assert sorted(loaded.files) == sorted(want)
+    assert all(np.array_equal(loaded[k], want[k]) for k in want)
+
+
 # -------------------------------------------------------------------- workdir
 def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "a_file"

@@ -334,11 +334,14 @@ class Checkpointer:
             meta = dict(self._manager.restore(
                 epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
             recorded = meta.get(CHECKSUM_KEY) or {}
+            metadata = self._manager.item_metadata(epoch)
             for item in ("variables", "opt_state"):
-                if self._manager.item_metadata(epoch)[item] is None:
+                if metadata[item] is None:
                     raise CheckpointError(f"no {item!r} item")
+                # onto one host device: the saved sharding may name devices this
+                # process does not have (another device count is not corruption)
                 restored = self._manager.restore(epoch, args=ocp.args.Composite(
-                    **{item: ocp.args.StandardRestore()}))[item]
+                    **{item: ocp.args.StandardRestore(_host_target(metadata[item]))}))[item]
                 _compare_digests(item, restored, recorded.get(item))
             problem = None
         except Exception as err:  # noqa: BLE001 - orbax raises many types; report them
@@ -599,6 +602,26 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _abstract(tree, sharding):
+def _host_target(metadata_tree):
+    """Abstract arrays of a saved item's metadata, on one CPU device."""
+    device = jax.devices("cpu")[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding),
+        metadata_tree)
+
+
+def _abstract(tree, sharding):
+    """Restore targets like ``tree``'s leaves; placed by ``sharding``, else like the
+    leaf (a jax.Array's own sharding), else on the default device: never by the
+    sharding saved in the checkpoint, which may name devices this process lacks
+    (a run saved on 4 devices loads in a 1-device process)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(x):
+        place = sharding
+        if place is None and isinstance(x, jax.Array):
+            place = x.sharding
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=place or default)
+
+    return jax.tree.map(target, tree)
