@@ -219,7 +219,8 @@ def main(argv=None) -> int:
                 what += f" @{delay:.1f}s"
             table.append({"kill": kill, "campaign": campaign, "moment": what,
                           "at_s": round(outcome["seconds"], 2),
-                          "in_flight": _describe(outcome["in_flight"]),
+                          "in_flight": ("epoch record appended; " if moment == "append"
+                                        else "") + _describe(outcome["in_flight"]),
                           "left_behind": _describe(outcome["left"]), "resumed_ok": None})
             pending_resume = len(table) - 1
             print(f"kill {kill:2d}: {what:<16s} at {outcome['seconds']:5.1f} s; in flight: "
