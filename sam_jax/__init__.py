@@ -23,7 +23,7 @@ from sam_jax.optim import (  # noqa: E402  (after __version__ so submodules can 
 
 # Flax training-loop helpers (sam_jax/flax_train.py), imported on first use so that
 # `import sam_jax` does not pay for flax.nnx.
-_FLAX_TRAIN = ("SAMTrainState", "value_and_grad_fn", "nnx_value_and_grad_fn", "nnx_update")
+_FLAX_TRAIN = ("SAMTrainState", "value_and_grad_fn", "nnx_grad_fn", "nnx_value_and_grad_fn", "nnx_update")
 
 
 def __getattr__(name):

@@ -47,6 +47,7 @@ from flax.training import train_state
 __all__ = [
     "SAMTrainState",
     "value_and_grad_fn",
+    "nnx_grad_fn",
     "nnx_value_and_grad_fn",
     "nnx_update",
 ]
@@ -133,6 +134,39 @@ class SAMTrainState(train_state.TrainState):
         return new_state, value
 
 
+def nnx_grad_fn(loss_fn: Callable, model: nnx.Module, *args, wrt: Any = nnx.Param,
+                has_aux: bool = False, eval_mode: bool = False) -> Callable:
+    """``params -> grads`` of ``loss_fn(model, *args)`` on a snapshot of ``model`` taken now.
+
+    ``params`` is the pure parameter state ``nnx.Optimizer.update`` hands the transform
+    (``nnx.as_pure(nnx.state(model, wrt))``); the result is a pure state of the same
+    structure. Each call rebuilds a copy of the model from the snapshot (parameters
+    replaced by ``params``), differentiates on it and writes nothing back. Call it
+    *before* the clean pass, as :func:`nnx_value_and_grad_fn` does, so that the copy
+    sees the clean pass's RNG state (dropout mask). ``eval_mode=True`` puts the copy in
+    eval mode (``Module.eval()``: BatchNorm with the running statistics of the snapshot,
+    no dropout): the ``hvp_grad_fn`` Eigen-SAM uses for its HVPs with BatchNorm, as
+    ``sam_jax.train`` does.
+    """
+    graphdef, _, rest = nnx.split(model, wrt, ...)
+    # A snapshot of the arrays. The split state holds the model's own Variable objects
+    # and ``nnx.merge`` would reuse them: a perturbed pass on the merged copy would then
+    # write its BatchNorm statistics (and RNG counts) back into the model. Pure arrays
+    # make ``merge`` build fresh Variables.
+    rest = nnx.as_pure(rest)
+    diff = nnx.DiffState(0, wrt)
+
+    def grad_fn(params):
+        copy = nnx.merge(graphdef, params, rest)
+        if eval_mode:
+            copy.eval()
+        result = nnx.grad(loss_fn, argnums=diff, has_aux=has_aux)(copy, *args)
+        grads = result[0] if has_aux else result
+        return nnx.as_pure(nnx.state(grads, wrt))
+
+    return grad_fn
+
+
 def nnx_value_and_grad_fn(loss_fn: Callable, model: nnx.Module, *args,
                           wrt: Any = nnx.Param, has_aux: bool = False):
     """Clean pass on an NNX model and the ``grad_fn`` that ``nnx.Optimizer.update`` forwards.
@@ -144,50 +178,42 @@ def nnx_value_and_grad_fn(loss_fn: Callable, model: nnx.Module, *args,
       variables at the model's current state. This is the clean pass: it updates the
       model in place as a training step does (BatchNorm running statistics, RNG
       counters).
-    * ``grad_fn(params)``: takes the pure parameter state ``nnx.Optimizer.update``
-      hands the transform (``nnx.as_pure(nnx.state(model, wrt))``) and returns the
-      gradient of the same loss on the same ``args`` there, as a pure state of the
-      same structure. It runs on a copy of the model rebuilt from a snapshot taken
-      *before* the clean pass (so it sees the clean pass's RNG state: the same dropout
-      mask), and it writes nothing back: the model keeps the clean pass's BatchNorm
-      statistics.
+    * ``grad_fn(params)``: :func:`nnx_grad_fn` from a snapshot taken *before* the
+      clean pass: the gradient of the same loss on the same ``args`` at ``params`` (the
+      pure parameter state ``nnx.Optimizer.update`` hands the transform), with the
+      clean pass's dropout mask, writing nothing back: the model keeps the clean pass's
+      BatchNorm statistics.
 
     ``wrt`` must be the optimizer's ``wrt`` (``nnx_update`` reads it from the optimizer).
     Works eagerly and inside ``nnx.jit``.
     """
-    graphdef, _, rest = nnx.split(model, wrt, ...)
-    # A snapshot of the arrays before the clean pass. The split state holds the model's
-    # own Variable objects, and ``nnx.merge`` would reuse them: a perturbed pass on the
-    # merged copy would then write its BatchNorm statistics (and RNG counts) back into
-    # the model. Pure arrays make ``merge`` build fresh Variables.
-    rest = nnx.as_pure(rest)
+    grad_fn = nnx_grad_fn(loss_fn, model, *args, wrt=wrt, has_aux=has_aux)
     diff = nnx.DiffState(0, wrt)
-
-    def grad_fn(params):
-        copy = nnx.merge(graphdef, params, rest)
-        result = nnx.grad(loss_fn, argnums=diff, has_aux=has_aux)(copy, *args)
-        grads = result[0] if has_aux else result
-        return nnx.as_pure(nnx.state(grads, wrt))
-
     value, grads = nnx.value_and_grad(loss_fn, argnums=diff, has_aux=has_aux)(model, *args)
     return value, grads, grad_fn
 
 
 def nnx_update(optimizer: nnx.Optimizer, model: nnx.Module, loss_fn: Callable, *args,
-               has_aux: bool = False, **update_kwargs):
+               has_aux: bool = False, hvp_grad_fn: bool = False, **update_kwargs):
     """One training step of ``nnx.Optimizer`` from a loss: ``optimizer.update(model, grads, grad_fn=...)``.
 
     ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)`` with ``has_aux``); returns
     the clean loss (or ``(loss, aux)``). The model is updated in place: parameters by
     the optimizer, BatchNorm statistics and RNG counters by the clean pass only (see
-    :func:`nnx_value_and_grad_fn`). ``**update_kwargs`` go to the transform's
-    ``update`` as well (e.g. ``learning_rate=``). Plain optax transforms ignore
-    ``grad_fn``, so the same loop runs SGD. Call it inside ``nnx.jit`` for speed::
+    :func:`nnx_value_and_grad_fn`). ``hvp_grad_fn=True`` also passes the eval-mode
+    gradient function (:func:`nnx_grad_fn` with ``eval_mode=True``, running statistics
+    before this step) that Eigen-SAM uses for its HVPs on BatchNorm models.
+    ``**update_kwargs`` go to the transform's ``update`` as well (e.g.
+    ``learning_rate=``). Plain optax transforms ignore ``grad_fn``, so the same loop
+    runs SGD. Call it inside ``nnx.jit`` for speed::
 
         @nnx.jit
         def train_step(model, optimizer, batch):
             return sam_jax.nnx_update(optimizer, model, loss_fn, batch)
     """
+    if hvp_grad_fn:
+        update_kwargs["hvp_grad_fn"] = nnx_grad_fn(loss_fn, model, *args, wrt=optimizer.wrt,
+                                                   has_aux=has_aux, eval_mode=True)
     value, grads, grad_fn = nnx_value_and_grad_fn(loss_fn, model, *args, wrt=optimizer.wrt, has_aux=has_aux)
     if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
         update_kwargs = {"grad_fn": grad_fn, **update_kwargs}

@@ -308,3 +308,41 @@ def test_nnx_update_has_aux_returns_the_clean_pass_aux():
 def test_exported_from_package():
     assert sam_jax.SAMTrainState is SAMTrainState and sam_jax.nnx_update is nnx_update
     assert sam_jax.nnx_value_and_grad_fn is nnx_value_and_grad_fn and sam_jax.value_and_grad_fn is value_and_grad_fn
+    assert sam_jax.nnx_grad_fn is sam_jax.flax_train.nnx_grad_fn
+
+
+def hand_eval_loss(p, stats, batch):
+    h = batch["x"] @ p["w1"] + p["b1"]
+    h = (h - stats["mean"]) / jnp.sqrt(stats["var"] + BN_EPS) * p["scale"] + p["shift"]
+    logits = jnp.maximum(h, 0) @ p["w2"] + p["b2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+def test_nnx_eval_mode_grad_fn_uses_the_running_statistics():
+    """nnx_grad_fn(eval_mode=True) is the gradient with BatchNorm on the snapshot's running
+    statistics (Eigen-SAM's hvp_grad_fn); the model itself stays in train mode."""
+    model = NNXNet(nnx.Rngs(7))
+    data = batches()
+    nnx.value_and_grad(nnx_loss)(model, data[0])          # move the running stats away from 0/1
+    stats = nnx_stats(model)
+    grad_fn = sam_jax.nnx_grad_fn(nnx_loss, model, data[1], eval_mode=True)
+    point = jax.tree.map(lambda w: w + 0.05, nnx.as_pure(nnx.state(model, nnx.Param)))
+    got = grad_fn(point)
+    want = jax.grad(hand_eval_loss)(jax.tree.map(lambda w: w + 0.05, nnx_to_hand(model)), stats, data[1])
+    got_hand = {"w1": got["l1"]["kernel"], "b1": got["l1"]["bias"], "scale": got["bn"]["scale"],
+                "shift": got["bn"]["bias"], "w2": got["l2"]["kernel"], "b2": got["l2"]["bias"]}
+    assert_tree_close(got_hand, want)
+    assert model.bn.use_running_average is False and model.drop.deterministic is False
+    assert_tree_close(nnx_stats(model), stats, rtol=0, atol=0)
+
+
+def test_nnx_update_passes_hvp_grad_fn_to_eigen_sam():
+    model = NNXNet(nnx.Rngs(8))
+    tx = optax.chain(sam_jax.eigen_sam(RHO, refresh_every=1), optax.sgd(LR))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    step = nnx.jit(lambda m, o, b: nnx_update(o, m, nnx_loss, b, hvp_grad_fn=True))
+    for batch in batches():
+        step(model, optimizer, batch)
+    stats = sam_jax.perturbation_stats(nnx.as_pure(optimizer.opt_state))
+    assert np.isfinite(float(stats["eigenvalue"])) and float(stats["eigenvalue"]) != 0.0
+    assert model.bn.use_running_average is False
