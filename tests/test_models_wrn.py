@@ -46,6 +46,7 @@ def test_registry_name_is_the_17_16_million_network_and_wrn16_8_is_not():
     assert _count(get_model("wrn16_8", 10)) == 10_961_370  # Zagoruyko layout: 2 blocks/group
 
 
+@pytest.mark.slow  # compiles a small conv net (~45 s on the loaded shared CPU)
 def test_davda54_layout_has_three_units_per_group_and_zero_head():
     model = WideResNet(10, depth=16, widen_factor=1, width=4, layout="davda54")
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False)
