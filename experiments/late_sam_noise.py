@@ -43,7 +43,7 @@ wall under a load average of 14-23 from other engineers' jobs (the process got 3
 the machine), 8 min 50 s of CPU time (508 s user + 22 s sys: our idle-machine
 estimate); pilot (12 runs) 10 min 15 s wall under load ~15-20; tiny ~1-2 min under
 load (compilation; 25-30 s of CPU); paper (CIFAR-10, WRN-16-8, 200 epochs, 5 seeds ×
-7 runs ≈ 5 × 6.6 full-SGD-run equivalents): ~2 GPU-days (estimate, not run).
+8 runs ≈ 5 × 5.8 full-SGD-run equivalents): ~2 GPU-days (estimate, not run).
 
 Result at cpu scale (MNIST-1D 8,000 train / 12,000 test, 40 % label noise, cnn1d width
 64, T = 30, ρ = 0.1, seeds 0-4): full SAM 88.11 % vs full SGD 80.62 % test accuracy,
@@ -556,7 +556,7 @@ _CPU_RECIPE = dict(
     # cnn1d width 64 (memorizes noisy labels; width 25 barely does), batch 64, lr 0.05,
     # momentum 0.9, wd 5e-4, and the late-phase SAM paper's WRN step schedule
     # (lr ×0.2 after 30 %, ×0.04 after 60 % of T), T = 30 as in label_noise (a first
-    # pilot at T = 20 gave SAM − SGD of only +1.3 to +1.6 % test accuracy).
+    # pilot at T = 20 gave SAM − SGD of only +0.5 to +1.5 % test accuracy).
     train={"lr": 0.05, "batch_size": 64, "schedule": "wrn_step", "momentum": 0.9,
            "weight_decay": 5e-4},
     # λ_max: late_sam's protocol (Lanczos, BN mode "batch"; cnn1d has no BN) on the
@@ -572,12 +572,12 @@ SCALE_PRESETS: dict[str, StudyConfig] = {
         train={"lr": 0.05, "batch_size": 32, "steps_per_epoch": 4, "schedule": "wrn_step"},
         lambda_examples=100, lambda_iters=5),
     # Minutes on 2 CPU cores. Noise rate and ρ chosen by the pilot (PILOT_PRESETS["cpu"],
-    # validation split, seeds 100-101; docs/experiments.md): NOISE_CPU, RHO_CPU.
+    # validation split, seeds 100-101; docs/experiments.md): 40 % noise, ρ = 0.1.
     "cpu": StudyConfig(
         dataset_kwargs={"num_samples": 20000, "train_split": 0.4, "label_noise": 0.4},
         rho=0.1, seeds=(0, 1, 2, 3, 4), **_CPU_RECIPE),
     # Configured, not run (~2 GPU-days, estimate: 5 seeds × (SGD + SAM + 4 late + 2
-    # early branches) ≈ 5 × 6.1 SGD-run equivalents of 200 epochs of WRN-16-8).
+    # early branches) ≈ 5 × 5.8 full-SGD-run equivalents of 200 epochs of WRN-16-8).
     # The late-phase SAM paper's CIFAR-10 recipe (papers.md §2, [code]: WRN-16-8, 200
     # epochs, batch 128, momentum 0.9, label smoothing 0.1, crop + flip + Cutout 16, the
     # WRN step schedule; lr 0.1, wd 5e-4 [recalled SAM-paper defaults]) — but the
