@@ -1,7 +1,9 @@
 """Cost of the curvature toolkit: HVP vs gradient, Lanczos vs power iteration.
 
-Run: ``python -m benchmarks.curvature_cost`` (≈ 15 min on the shared 2-core CPU
-under load; ``--devices 0`` skips part 3, ``--seeds`` sets the repeats).
+Run: ``python -m benchmarks.curvature_cost`` (29.5 min on the shared 2-core CPU at
+load average 16–22, 2026-11-29; results in docs/curvature.md "Benchmarks").
+``--devices 0`` skips part 3, ``--seeds N`` sets the repeats, ``--top-ks 1,2``
+the k values.
 
 1. HVP time / gradient time (both jitted, timed after compilation, median of 50
    interleaved calls) for an MLP and a small CNN on a batch of 256 sklearn digits
