@@ -4,6 +4,7 @@ Run:  python -m benchmarks.step_cost            (about 2-4 minutes on 2 CPU core
                                                  most of it Eigen-SAM's cond refresh
                                                  step of the CNN, see below)
       python -m benchmarks.step_cost --quick    (fewer repeats, for a smoke check)
+      python -m benchmarks.step_cost --tiny     (tiny models, 2 repeats: smoke test)
 
 For an MLP and a small CNN it times a full jitted step (gradient, transform, base
 SGD with momentum, apply) of SGD, SAM, USAM, ASAM, Eigen-SAM (released defaults:
@@ -17,7 +18,11 @@ starts after compilation; the repeats of all methods are interleaved (a fresh ra
 order each round) so that they see the same machine load; the median is reported,
 and the minimum beside it (the better estimate of the intrinsic cost on a machine
 shared with other jobs). Memory is the compiled
-step's ``memory_analysis()``: temp + argument + output bytes.
+step's ``memory_analysis()``: temp + argument + output bytes in the timing table,
+and a second table per model with temp, argument, output, alias and peak bytes and
+each method's peak (and temp) in excess of SGD's in units of the parameter size
+(target: SAM at most one extra copy of the parameters). Nothing is donated, so
+argument and output each hold parameters and optimizer state once.
 
 Targets (issue 2): SAM <= 2.05x SGD, ours <= 1.0x optax.contrib.sam,
 Eigen-SAM <= 1.15x SAM.
@@ -64,8 +69,11 @@ class BenchCNN(nn.Module):
         return nn.Dense(10)(x)
 
 
-def problems():
-    """(name, model, input shape) of the benchmarked models."""
+def problems(tiny: bool = False):
+    """(name, model, input shape) of the benchmarked models (``tiny``: smoke-test sizes)."""
+    if tiny:
+        return [("MLP 12-8-8-10, batch 4 (tiny)", BenchMLP(width=8), (4, 12)),
+                ("CNN 3 conv (2-4-4), 8x8x3, batch 2 (tiny)", BenchCNN(channels=2), (2, 8, 8, 3))]
     return [
         # batch 256: the released Eigen-SAM README's batch size
         ("MLP 784-512-512-10, batch 256", BenchMLP(), (256, 784)),
@@ -123,6 +131,32 @@ def memory_bytes(compiled) -> int | None:
     return int(sum(getattr(analysis, f, 0) or 0 for f in fields))
 
 
+MEMORY_FIELDS = ("temp", "argument", "output", "alias")
+
+
+def memory_stats(compiled) -> dict | None:
+    """The compiled program's ``memory_analysis()`` in bytes (jax 0.10's
+    ``CompiledMemoryStats``): ``temp`` (scratch buffers), ``argument``, ``output``,
+    ``alias`` (outputs that reuse donated arguments; 0 here, nothing is donated) and
+    ``peak`` (``peak_memory_in_bytes`` where the backend reports it, which on CPU is
+    argument + output + temp - alias; that sum otherwise). ``None`` if unavailable."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if analysis is None:
+        return None
+    stats = {f: int(getattr(analysis, f"{f}_size_in_bytes", 0) or 0) for f in MEMORY_FIELDS}
+    peak = getattr(analysis, "peak_memory_in_bytes", None)
+    stats["peak"] = int(peak) if peak else (stats["argument"] + stats["output"] + stats["temp"]
+                                            - stats["alias"])
+    return stats
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
+
+
 def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
     rng = np.random.default_rng(0)
     batch = {"x": jnp.asarray(rng.normal(size=input_shape), jnp.float32),
@@ -131,7 +165,7 @@ def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
 
     # case -> (compiled step, args). Eigen-SAM is timed as a plain and a refresh step,
     # both with the in-graph schedule (lax.cond) and with the caller's static flag.
-    cases, memory = {}, {}
+    cases, memory, breakdown = {}, {}, {}
     for name, factory in transforms().items():
         tx = factory()
         state = tx.init(params)
@@ -151,6 +185,7 @@ def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
             args = (params, case_state, batch)
             compiled = step.lower(*args).compile()
             memory[case] = memory_bytes(compiled)
+            breakdown[case] = memory_stats(compiled)
             start = time.perf_counter()
             jax.block_until_ready(compiled(*args))  # warm up
             cases[case] = (compiled, args, time.perf_counter() - start > 1.0)
@@ -179,7 +214,9 @@ def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
     for label in (EIGEN, EIGEN_STATIC):
         memory[label] = max(memory[f"{label} plain step"] or 0,
                             memory[f"{label} refresh step"] or 0) or None
-    return medians, minima, memory
+        kinds = [breakdown[f"{label} plain step"], breakdown[f"{label} refresh step"]]
+        breakdown[label] = max(kinds, key=lambda m: m["peak"]) if all(kinds) else None
+    return medians, minima, memory, breakdown, tree_bytes(params)
 
 
 EIGEN = "Eigen-SAM"
@@ -207,22 +244,55 @@ def format_table(title, medians, minima, memory) -> str:
     return "\n".join(lines)
 
 
+MEMORY_ORDER = ["SGD", "SAM", "USAM", "ASAM", EIGEN, EIGEN_STATIC, "optax.contrib.sam"]
+
+
+def format_memory_table(title, breakdown, param_bytes) -> str:
+    """Compiled memory of each method's step, and its excess over SGD's in units of
+    the parameter size (target for SAM: at most 1 extra copy of the parameters)."""
+    sgd = breakdown.get("SGD")
+    lines = [f"#### {title}: compiled memory (parameters {param_bytes / 2**20:.3f} MiB)", "",
+             "| method | temp MiB | argument MiB | output MiB | alias MiB | peak MiB "
+             "| peak − SGD (× params) | temp − SGD (× params) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in MEMORY_ORDER:
+        m = breakdown.get(name)
+        if not m:
+            lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        cells = " | ".join(f"{m[f] / 2**20:.3f}" for f in (*MEMORY_FIELDS, "peak"))
+        extra = (f"{(m['peak'] - sgd['peak']) / param_bytes:+.2f} | "
+                 f"{(m['temp'] - sgd['temp']) / param_bytes:+.2f}") if sgd else "n/a | n/a"
+        lines.append(f"| {name} | {cells} | {extra} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=41, help="timing samples per method")
     parser.add_argument("--calls-per-sample", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="5 repeats of 1 call")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny models, 2 repeats: smoke test, the numbers are not results")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.calls_per_sample = 5, 1
+    if args.tiny:
+        args.repeats, args.calls_per_sample = 2, 1
+        print("tiny: smoke test, tiny models and 2 repeats; the numbers are not results")
 
     print(f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
           f"devices {jax.devices()}; median of {args.repeats} interleaved samples "
           f"of {args.calls_per_sample} calls\n")
-    verdicts = []
-    for title, model, shape in problems():
-        medians, minima, memory = bench_problem(model, shape, args.repeats, args.calls_per_sample)
+    verdicts, memory_verdicts = [], []
+    for title, model, shape in problems(args.tiny):
+        medians, minima, memory, breakdown, param_bytes = bench_problem(
+            model, shape, args.repeats, args.calls_per_sample)
         print(format_table(title, medians, minima, memory), "\n", flush=True)
+        print(format_memory_table(title, breakdown, param_bytes), "\n", flush=True)
+        if breakdown.get("SAM") and breakdown.get("SGD"):
+            extra = (breakdown["SAM"]["peak"] - breakdown["SGD"]["peak"]) / param_bytes
+            memory_verdicts.append((title, extra))
         for label, num, den, target in [
             ("SAM / SGD", "SAM", "SGD", 2.05),
             ("SAM / optax.contrib.sam", "SAM", "optax.contrib.sam", 1.0),
@@ -235,6 +305,9 @@ def main(argv=None):
     for label, by_median, by_min, target in verdicts:
         verdict = "OK" if by_median <= target else ("OK by min" if by_min <= target else "MISSED")
         print(f"  {label} = {by_median:.3f}, {by_min:.3f} (target <= {target}) {verdict}")
+    print("Memory target: SAM peak - SGD peak <= 1 copy of the parameters:")
+    for title, extra in memory_verdicts:
+        print(f"  {title}: {extra:+.2f} x params {'OK' if extra <= 1.0 else 'MISSED'}")
 
 
 if __name__ == "__main__":
