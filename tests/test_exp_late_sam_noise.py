@@ -152,3 +152,50 @@ def test_tiny_rerun_reuses_every_run(tiny_run, capsys):
     assert out.count("reused a finished run") == 10
     assert again["per_seed"] == first["per_seed"]
     assert "tiny scale: smoke test, numbers are not results" in out
+
+
+# ------------------------------------------------- ablation: the lr schedule
+
+def test_schedule_option_reaches_train_config(tmp_path):
+    from sam_jax.train.schedules import make_schedule
+
+    preset = lsn.SCALE_PRESETS["cpu"]
+    assert lsn.with_schedule(preset, None) is preset            # default: the preset's
+    assert preset.train["schedule"] == "wrn_step"
+    constant = lsn.with_schedule(preset, "constant")
+    assert preset.train["schedule"] == "wrn_step"               # the preset is not mutated
+    assert {k: v for k, v in constant.train.items() if k != "schedule"} == \
+        {k: v for k, v in preset.train.items() if k != "schedule"}
+    T, spe = preset.total_epochs, 8000 // 64                    # 125 steps per epoch
+    sums = {}
+    for study in (preset, constant):
+        # A late-SAM run (SAM in the last 6 of 30 epochs) branched from the SGD run.
+        config = lsn.late_sam.make_train_config(study, tmp_path / "run", f"sgd:{T - 6},sam:6", 0,
+                                                init_from=tmp_path / "sgd", init_step=T - 6)
+        assert (config.schedule, config.lr, config.rho) == (study.train["schedule"], 0.05, 0.1)
+        lr = make_schedule(config.schedule, config.lr, T * spe, spe)
+        sums[config.schedule] = sum(lr(step) for step in range((T - 6) * spe, T * spe))
+    # Σ lr·steps over the last 20 %: 6 × 125 steps at 0.05 × 0.04 (wrn_step) or 0.05.
+    assert sums["wrn_step"] == pytest.approx(750 * 0.002)       # 1.5
+    assert sums["constant"] == pytest.approx(750 * 0.05)        # 37.5
+    with pytest.raises(ValueError):
+        lsn.with_schedule(preset, "linear")
+
+
+def test_schedule_flag_reaches_run_experiment(tmp_path, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_experiment(scale, workdir, seeds=None, study=None, schedule=None):
+        seen["study"] = lsn.with_schedule(study or lsn.SCALE_PRESETS[scale], schedule)
+        raise Stop
+
+    monkeypatch.setattr(lsn, "run_experiment", fake_run_experiment)
+    for argv, expected in ((["--schedule", "constant"], "constant"), ([], "wrn_step")):
+        with pytest.raises(Stop):
+            lsn.main(["--scale", "tiny", "--workdir", str(tmp_path)] + argv)
+        assert seen["study"].train["schedule"] == expected
+    with pytest.raises(SystemExit):                             # argparse: not a schedule
+        lsn.main(["--scale", "tiny", "--workdir", str(tmp_path), "--schedule", "linear"])
