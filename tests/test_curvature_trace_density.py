@@ -100,3 +100,15 @@ def test_cosine_alignment():
     assert curvature.cosine_alignment(jnp.array([2.0, 0.0]), eig) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="size"):
         curvature.cosine_alignment(jnp.ones(3), jnp.ones(2))
+
+
+def test_density_with_the_basis_in_host_memory_equals_device_mode():
+    from sam_jax import curvature
+
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(30, 30)))
+    matrix = ((q * np.linspace(-1.0, 3.0, 30)) @ q.T).astype(np.float32)
+    device = curvature.spectral_density(matrix, 20, seed=1)
+    host = curvature.spectral_density(matrix, 20, seed=1, basis_memory="host")
+    np.testing.assert_allclose(np.asarray(host.nodes), np.asarray(device.nodes), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(host.weights), np.asarray(device.weights), atol=1e-5)

@@ -78,6 +78,7 @@ def spectral_density(
     grid_size: int = 10_000,
     sigma_squared_factor: float = 1e-5,
     grid_margin: float | None = None,
+    basis_memory: str = "device",
 ) -> DensityResult:
     """Hessian eigenvalue density by stochastic Lanczos quadrature.
 
@@ -87,6 +88,9 @@ def spectral_density(
       num_runs: independent random start vectors averaged (PyHessian's n_v, default 1).
       seed: run r uses seed ``seed + r``.
       accumulate_dtype: Lanczos basis dtype (float64 needs x64 mode).
+      basis_memory: ``"device"`` or ``"host"``: where each run's Lanczos basis lives
+        (see :func:`sam_jax.curvature.lanczos_memory`); host mode keeps two vectors on
+        the device for large models.
       grid_size, sigma_squared_factor, grid_margin: smoothing and grid, see
         :func:`density_from_quadrature`.
 
@@ -100,7 +104,8 @@ def spectral_density(
     all_nodes, all_weights, dtype = [], [], None
     for run in range(num_runs):
         decomposition = lanczos_tridiagonal(
-            operator, num_steps, seed=seed + run, accumulate_dtype=accumulate_dtype
+            operator, num_steps, seed=seed + run, accumulate_dtype=accumulate_dtype,
+            basis_memory=basis_memory,
         )
         values, vectors = decomposition.ritz()
         # An early stop (invariant subspace) gives fewer nodes: pad with zero weight.
