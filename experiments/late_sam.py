@@ -36,12 +36,14 @@ Command (the README's main job)::
 
     python -m experiments.late_sam --scale cpu --workdir runs/late_sam
 
-Runtime on a 2-core CPU: tiny ~30 s; cpu 1 min 50 s idle, 6 min under heavy load
-(30 runs); paper (CIFAR-10, WRN-16-8, 200 epochs, 5 seeds): ~1 GPU-day (estimate).
-Result at cpu scale (seeds 0-2): full SAM halves λ_max (0.77 vs 1.46); SAM in the last
-20 % of epochs recovers 56 % of that reduction, SAM in the first 20 % then SGD −12 %;
-test accuracies (SAM − SGD = 0.50 ± 1.05 %) are within noise. Table:
-docs/experiments.md.
+Runtime on a 2-core CPU: tiny 20 s-2.5 min (compilation; load-dependent); cpu
+(30 runs) 1 min 50 s when the machine was nearly idle (before the per-epoch test
+evaluation, which adds ~3-4 % per SGD epoch), 18 min 01 s wall / 6 min 03 s user CPU
+under a load of 12-24 (shared machine); paper (CIFAR-10, WRN-16-8, 200 epochs, 5 seeds):
+~1 GPU-day (estimate). Result at cpu scale (seeds 0-2): full SAM halves λ_max (0.77 vs
+1.46); SAM in the last 20 % of epochs recovers 56 % of that reduction, SAM in the first
+20 % then SGD −12 %; test accuracies (SAM − SGD = +0.50 points, 95 % CI [−2.12, +3.12])
+are within noise, also along training (Fig. 1a). Table: docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -30,8 +30,12 @@ Command::
 
     python -m experiments.same_valley --scale cpu --workdir runs/same_valley
 
-Runtime on a 2-core CPU: tiny ~20 s; cpu ~15 s from late_sam's runs, ~2 min training
-its own pair. Result (cpu, seeds 0-2): see docs/experiments.md.
+Runtime on a 2-core CPU: tiny ~20-40 s; cpu 40-50 s from late_sam's runs (3 seeds,
+load 12-15; 15 s when idle), ~2 min (idle) training its own pair. Result (cpu, seeds
+0-2, authors' protocol): barrier 0 in every seed (same valley); L'' at late SAM vs
+SGD 0.00159 / 0.00120 / 0.00062 vs 0.00113 / 0.00182 / 0.00152 — seed 0 reverses on
+these 1,000 images (13 of 15 image subsets tried favour SGD); on all 4,000 images
+(``--protocol batch_bn``) SGD's L'' is larger in every seed (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -274,8 +278,8 @@ def plot_interpolation(per_seed: dict, path, title: str = "") -> str:
             ax.axvline(x, color="gray", lw=0.8, ls=":")
     top.set_ylabel("train loss L(θ_λ)\n(cross entropy)")
     top.set_title("θ_λ = (1−λ) θ_SGD→SAM + λ θ_SGD   (dotted: λ=0 late SAM, λ=1 SGD)")
-    bottom.set_title("L''(θ_λ) = [L(θ_{λ+h}) + L(θ_{λ−h}) − 2 L(θ_λ)] / (2h)²,  h = 0.1")
-    bottom.set_ylabel("L''(θ_λ)")
+    bottom.set_title("L''(λ) = [L(θ_λ+h) + L(θ_λ−h) − 2 L(θ_λ)] / (2h)²,  h = 0.1")
+    bottom.set_ylabel("L''(λ)")
     bottom.set_xlabel("λ (interpolation coefficient)")
     top.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)

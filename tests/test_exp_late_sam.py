@@ -72,6 +72,7 @@ def bn_pair():
             "x": arrays["x"][index], "y": arrays["y"][index], "train_ds": train_ds}
 
 
+@pytest.mark.slow  # the BN pair's fixture compiles cnn6 (56 s at load 24)
 def test_same_valley_default_endpoints_are_eval_mode_losses_of_each_model(bn_pair):
     model, res = bn_pair["model"], bn_pair["result"]
     assert res["protocol"] == "authors" and res["examples"] == 1000
@@ -83,6 +84,7 @@ def test_same_valley_default_endpoints_are_eval_mode_losses_of_each_model(bn_pai
     assert res["loss_sgd"] == pytest.approx(expected_sgd, rel=1e-5)
 
 
+@pytest.mark.slow  # the BN pair's fixture compiles cnn6 (56 s at load 24)
 def test_same_valley_interpolates_bn_running_statistics_with_the_parameters(bn_pair):
     import jax
 
@@ -97,6 +99,7 @@ def test_same_valley_interpolates_bn_running_statistics_with_the_parameters(bn_p
         assert res["losses"][i] == pytest.approx(expected, rel=1e-4), lam
 
 
+@pytest.mark.slow  # the BN pair's fixture compiles cnn6 (56 s at load 24)
 def test_same_valley_batch_bn_option_is_the_old_protocol(bn_pair):
     # BN batch statistics of the first N examples: not the endpoints' eval-mode losses.
     from sam_jax import curvature
