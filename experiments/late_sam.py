@@ -174,8 +174,9 @@ SCALE_PRESETS: dict[str, StudyConfig] = {
         dataset="cifar10",                               # [text] Fig. 1
         dataset_kwargs={"crop_padding": 4,               # [code] random crop, pad 4
                         "flip": True,                    # [code] horizontal flip
-                        "cutout": 16},                   # [code] Cutout 16 px for WRN
-        model="wrn16_8",                                 # [text] Fig. 1
+                        "cutout": 16,                    # [code] Cutout 16 px for WRN
+                        "cutout_prob": 0.5},             # [code] applied with probability 0.5
+        model="wrn16_8_davda54",                         # [text] WRN-16-8; [code] davda54's layout (17.16 M)
         total_epochs=200,                                # [text] Fig. 1: T = 200
         sgd_to_sam_epochs=(5, 10, 25, 50, 100, 150),     # 25 [text] (Fig. 1, t = 175); others chosen by us
         sam_to_sgd_epochs=(50, 100, 150, 175, 190, 195), # chosen by us (Fig. 5 grid not in our notes)
@@ -222,8 +223,10 @@ PROVENANCE: dict[str, dict[str, str]] = {
     },
     "paper": {
         "dataset": "[text] CIFAR-10 (Fig. 1)",
-        "dataset_kwargs": "[code] random crop (pad 4) + horizontal flip + Cutout 16 px",
-        "model": "[text] WRN-16-8 (Fig. 1)",
+        "dataset_kwargs": "[code] random crop (pad 4) + horizontal flip + Cutout 16 px "
+                          "with probability 0.5",
+        "model": "[text] WRN-16-8 (Fig. 1) in the authors' layout [code] (davda54/sam's "
+                 "WideResNet: 3 units per group, 17,158,106 parameters): wrn16_8_davda54",
         "total_epochs": "[text] T = 200 (Fig. 1)",
         "sgd_to_sam_epochs": "25 SAM epochs is [text] (Fig. 1: SGD to t = 175); 5, 10, 50, "
                              "100, 150 are chosen by us (the grid of Fig. 3 is not in our notes)",

@@ -299,3 +299,15 @@ def test_per_epoch_evaluation_does_not_change_training(tiny_run, tmp_path):
     sgd = data["results"]["per_seed"]["0"]["sgd"]
     assert end_only.history[-1]["test_acc"] == sgd["test_acc"]
     assert end_only.history[-1]["lambda_max"] == sgd["lambda_max"]
+
+
+def test_paper_preset_uses_the_authors_network_and_cutout_probability():
+    """The paper preset trains davda54's WRN-16-8 (3 units per group, 17,158,106
+    parameters; counted in tests/test_models_wrn.py) with Cutout at probability 0.5."""
+    from experiments import late_sam
+    from sam_jax.models import get_model
+
+    paper = late_sam.SCALE_PRESETS["paper"]
+    assert paper.model == "wrn16_8_davda54"
+    assert paper.dataset_kwargs["cutout"] == 16 and paper.dataset_kwargs["cutout_prob"] == 0.5
+    get_model(paper.model, 10)  # the name resolves
