@@ -1,13 +1,13 @@
-"""Tests of experiments/ (paper reproductions) and sam_jax.attacks.
+"""Tests of experiments/ (paper reproductions): common, two-phase toy math, late_sam.
 
 * The two-phase toy (Example 4.1): closed forms of the stability edges and escape
   rates, and — for every seed tested — a positive fitted escape rate that matches
   the exact one, and a final minimum flatter than SGD's in every trial.
-* Every experiment module runs at ``tiny`` scale through its ``main(argv)`` and
+* late_sam and same_valley run at ``tiny`` scale (the other modules' tiny runs are
+  in their own ``tests/test_exp_*.py``) through its ``main(argv)`` and
   writes a ``results.json`` with the expected structure (module-scoped fixtures, so
   each runs once).
 * The late-SAM aggregation and verdict logic on hand-made per-seed records.
-* PGD against the closed-form worst case of a linear model.
 """
 
 import json
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import common, late_adversarial, late_sam, same_valley, two_phase
+from experiments import common, late_sam, same_valley, two_phase
 
 
 # ------------------------------------------------------------------------- common
@@ -152,41 +152,6 @@ def test_study_config_rejects_bad_switch_points():
                              seeds=(0,))
 
 
-# -------------------------------------------------------------------------- attacks
-
-def test_pgd_one_step_is_the_closed_form_worst_case_of_a_linear_model():
-    import jax
-    import jax.numpy as jnp
-
-    from sam_jax.attacks import pgd_linf
-
-    rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
-    x = jnp.asarray(rng.uniform(0.2, 0.8, size=(5, 6)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 2, size=5), jnp.int32)
-    eps = 0.05
-    adv = pgd_linf(lambda z: z @ w, x, y, epsilon=eps, step_size=eps, num_steps=1)
-    # For two classes the CE input gradient is a positive multiple of w_other − w_y.
-    other = 1 - y
-    direction = jnp.sign(w[:, other].T - w[:, y].T)
-    np.testing.assert_allclose(adv, x + eps * direction, atol=1e-6)
-    # More steps and a random start stay in the ball and the [0, 1] box.
-    adv = pgd_linf(lambda z: z @ w, x, y, epsilon=0.3, step_size=0.1, num_steps=10,
-                   key=jax.random.PRNGKey(1))
-    assert float(jnp.max(jnp.abs(adv - x))) <= 0.3 + 1e-6
-    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
-
-
-def test_pgd_rejects_negative_epsilon():
-    import jax.numpy as jnp
-
-    from sam_jax.attacks import pgd_linf
-
-    with pytest.raises(ValueError, match="epsilon"):
-        pgd_linf(lambda z: z, jnp.zeros((1, 2)), jnp.zeros(1, jnp.int32), epsilon=-1,
-                 step_size=0.1)
-
-
 # ------------------------------------------------------------- tiny end-to-end runs
 
 def _load(workdir):
@@ -205,18 +170,6 @@ def late_sam_tiny(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("late_sam")
     late_sam.main(["--scale", "tiny", "--workdir", str(workdir)])
     return workdir
-
-
-@pytest.mark.slow
-def test_two_phase_tiny_cli(tmp_path):
-    two_phase.main(["--scale", "tiny", "--workdir", str(tmp_path)])
-    data = _load(tmp_path)
-    results = data["results"]
-    assert results["claim"]["toy_escape_rate_positive_all_seeds"] is True
-    assert results["claim"]["toy_all_trials_flatter"] is True
-    assert set(results["network"]["per_seed"]["0"]) >= {"sgd_final_loss", "lambda_max_sgd",
-                                                        "sam_escape_C", "usam_escape_C"}
-    assert len(data["figures"]) == 3
 
 
 @pytest.mark.slow
@@ -259,18 +212,6 @@ def test_same_valley_tiny_reuses_late_sam_runs(late_sam_tiny, tmp_path):
     late_runs = json.loads((late_sam_tiny / common.RESULTS_FILE).read_text())
     assert res["loss_sgd"] == pytest.approx(
         late_runs["results"]["per_seed"]["0"]["sgd"]["train_loss"], rel=1e-3)
-
-
-@pytest.mark.slow
-def test_late_adversarial_tiny_cli(tmp_path):
-    late_adversarial.main(["--scale", "tiny", "--workdir", str(tmp_path)])
-    data = _load(tmp_path)
-    rows = data["results"]["rows"]
-    assert set(rows) == {"standard", "late_at", "full_at"}
-    for row in rows.values():
-        assert 0 <= row["robust_acc"]["mean"] <= row["clean_acc"]["mean"] + 1e-9
-    assert rows["full_at"]["grad_evals_rel_standard"]["mean"] == pytest.approx(
-        1 + late_adversarial.SCALE_PRESETS["tiny"].num_steps)
 
 
 # ----------------------------------------------------- shared statistics and progress
