@@ -51,7 +51,7 @@ def get_dataset(
         see ``sam_jax.data.base.validation_indices``.
       validation_seed: seed of the held-out choice.
       **kwargs: passed to the loader, e.g. ``num_samples`` (mnist1d), ``n``, ``dim``
-        (patch), ``crop_padding``, ``flip``, ``cutout``, ``normalize`` (TFDS).
+        (patch), ``crop_padding``, ``flip``, ``cutout``, ``cutout_prob``, ``normalize`` (TFDS).
 
     Returns:
       A ``Dataset``.
