@@ -269,12 +269,14 @@ def test_a_step_caught_in_the_trash_is_removed_on_the_next_open(copy, finished):
     assert os.listdir(trash) == []
 
 
-def test_an_incomplete_newest_step_is_a_clear_error_and_kept(copy):
-    from sam_jax.train import CheckpointError
+def test_an_incomplete_newest_step_falls_back_and_is_kept(copy, finished):
+    from sam_jax.train.checkpoint import CorruptCheckpointWarning
 
     os.remove(copy / "checkpoints" / "3" / "_CHECKPOINT_METADATA")
-    with pytest.raises(CheckpointError, match=r"checkpoints/3 is incomplete \(missing "
-                                              r"_CHECKPOINT_METADATA\).*resume from epoch 2"):
-        run(_config(copy))
-    kept = sorted(os.listdir(copy / "checkpoints" / "3"))  # untouched, minus the marker
+    with pytest.warns(CorruptCheckpointWarning, match=r"epoch 3 .*incomplete \(missing "
+                                                      r"_CHECKPOINT_METADATA\).*falling back to epoch 2"):
+        result = run(_config(copy))
+    assert result.resumed_from == 2
+    assert _equal(result.variables, finished.variables)  # epoch 3 retrained bit for bit
+    kept = sorted(os.listdir(copy / "checkpoints" / "corrupt" / "3"))  # moved aside, not deleted
     assert kept == ["commit_success.txt", "meta", "opt_state", "variables"]

@@ -268,14 +268,23 @@ class Checkpointer:
         deleted), so the resumed run's saves and retention cannot collide with it.
         The skipped steps are listed in ``self.skipped_corrupt``.
 
+        An incomplete step directory newer than the newest complete one (a completion
+        marker missing) is skipped and set aside the same way.
+
         Raises:
-          CheckpointError: the newest step directory is incomplete (a retention
-            deletion leaves only older ones so): resuming from an older step would
-            collide with it, and it is never deleted automatically; or every
-            checkpoint is corrupt (they are kept, moved aside).
+          CheckpointError: every checkpoint is corrupt or incomplete (they are kept,
+            moved aside).
         """
         epochs = self.epochs()
         latest = epochs[-1] if epochs else None
+        # An incomplete step newer than every complete one (a write or deletion
+        # damaged outside orbax's atomic commit) is set aside like a corrupt one:
+        # resuming from an older step must not collide with it, and it is kept.
+        for epoch in sorted(e for e in self.incomplete_epochs() if latest is None or e > latest):
+            step_dir = os.path.join(self.directory, str(epoch))
+            missing = [m for m in _STEP_MARKERS if not os.path.isfile(os.path.join(step_dir, m))]
+            self._set_aside(epoch, f"the step directory is incomplete (missing "
+                                   f"{', '.join(missing)})", older=epochs)
         set_aside = self.corrupt_epochs()
         if latest is None and set_aside:
             raise CheckpointError(
@@ -283,16 +292,6 @@ class Checkpointer:
                 f"in {os.path.join(self.directory, CORRUPT_SUBDIR)} (epochs {set_aside}); "
                 "refusing to train from scratch over this run's history: use a new "
                 "--workdir, or remove that folder to start this one anew")
-        newer = [e for e in self.incomplete_epochs() if latest is None or e > latest]
-        if newer:
-            step_dir = os.path.join(self.directory, str(newer[-1]))
-            missing = [m for m in _STEP_MARKERS if not os.path.isfile(os.path.join(step_dir, m))]
-            raise CheckpointError(
-                f"the newest checkpoint {step_dir} is incomplete (missing {', '.join(missing)}); "
-                f"it is not deleted automatically: move it out of {self.directory} to resume "
-                f"from epoch {latest}" if latest is not None else
-                f"the newest checkpoint {step_dir} is incomplete (missing {', '.join(missing)}) "
-                f"and no complete one exists; it is not deleted automatically")
         skipped = []
         for epoch in reversed(epochs):
             problem = self.verify(epoch)
@@ -604,7 +603,7 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 
 def _host_target(metadata_tree):
     """Abstract arrays of a saved item's metadata, on one CPU device."""
-    device = jax.devices("cpu")[0]
+    device = jax.local_devices(backend="cpu")[0]  # addressable in every process
     sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding),
@@ -616,7 +615,7 @@ def _abstract(tree, sharding):
     leaf (a jax.Array's own sharding), else on the default device: never by the
     sharding saved in the checkpoint, which may name devices this process lacks
     (a run saved on 4 devices loads in a 1-device process)."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(x):
         place = sharding
