@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.optim import registry as optim_registry
-from sam_jax.train import parallel
+from sam_jax.train import distributed, parallel
 from sam_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from sam_jax.train.config import (LOGISTICS_FIELDS, RUN_IDENTITY_FIELDS, Phase, RunIdentity,
                                   TrainConfig, identity_differences)
@@ -474,18 +474,20 @@ def run(config: TrainConfig, cache: Optional[CompileCache] = None) -> RunResult:
         ckpt.close()
         raise
     state, opt_phase, grad_evals = start.state, start.opt_phase, start.grad_evals
-    log = MetricsLog(workdir, keep_before_epoch=start.epoch if start.epoch else None,
-                     resumed=start.kind == "resume")
+    log = distributed.metrics_log(workdir,
+                                  keep_before_epoch=start.epoch if start.epoch else None,
+                                  resumed=start.kind == "resume")
     # Only a fresh run, or a resume whose identity matched the checkpoint's (checked
     # in start_point, before anything was written), gets here: config.json always
     # describes the config that produced the run's history (logistics may differ).
-    config_path = write_config(workdir, config.to_dict(), {
+    config_path = distributed.write_config(workdir, config.to_dict(), {
         "num_classes": setup.num_classes, "input_shape": list(setup.train_ds.input_shape),
         "steps_per_epoch": setup.steps_per_epoch, "total_epochs": setup.total_epochs,
         "num_devices": setup.shards, "resumed_from": start.epoch,
         "sam_jax_git_commit": _git_commit()})
     progress = Progress(setup.total_epochs * setup.steps_per_epoch,
-                        start.epoch * setup.steps_per_epoch, config.progress)
+                        start.epoch * setup.steps_per_epoch,
+                        config.progress and distributed.is_primary())
     if start.epoch == setup.total_epochs:
         progress.already_complete(setup.total_epochs, workdir, log.path)
     t_start = time.time()

@@ -58,6 +58,9 @@ def put_replicated(tree, mesh: Mesh):
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
+    if jax.process_count() > 1:  # each process feeds only its devices' rows
+        from sam_jax.train import distributed
+        return distributed.put_process_batch(batch, mesh)
     return jax.device_put(batch, batch_sharded(mesh))
 
 

@@ -1,0 +1,91 @@
+"""One process of the multi-process training test (`tests/test_train_multiprocess.py`).
+
+    python tests/multiprocess_worker.py SPEC.json PROCESS_ID
+
+``SPEC.json``: ``{"num_processes": P, "local_devices": D, "port": PORT,
+"runs": [{"workdir": ..., "per_device": bool, "out": ...npz}, ...],
+"rows_out": ...json}``. With ``P > 1`` the process joins a ``jax.distributed`` job
+on ``127.0.0.1:PORT`` (CPU, gloo collectives); each run trains `tiny_config` in
+its workdir (resuming its checkpoints if there are any), and process 0 saves the
+final variables to ``out`` (leaf path -> array). Every process writes, to
+``rows_out`` + ``.<pid>``, the (global rows, rows this process fed) of each batch
+it put on the mesh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def tiny_config(workdir: str, per_device: bool):
+    from sam_jax.train import TrainConfig
+
+    return TrainConfig(
+        workdir=workdir, dataset="digits", model="cnn6",
+        model_kwargs={"width": 2, "use_bn": True}, phases="sgd:1,sam:1", rho=0.05,
+        batch_size=16, steps_per_epoch=2, eval_batch_size=64, lr=0.05,
+        per_device_perturbation=per_device, seed=3, keep_last=None, progress=False)
+
+
+def psum_order_probe() -> float:
+    """psum over the 4 devices of [1, 1e8, -1e8, 1] (float32): its value shows the
+    all-reduce's summation order (sequential: 1.0; pairwise: 0.0; ...)."""
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    from sam_jax.train import parallel
+
+    mesh = parallel.make_mesh()
+    x = parallel.put_batch({"x": np.array([1.0, 1e8, -1e8, 1.0], np.float32)}, mesh)["x"]
+    total = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "data"), mesh=mesh,
+                                  in_specs=P("data"), out_specs=P()))(x)
+    return float(jax.device_get(total)[0])
+
+
+def main(spec_path: str, process_id: int) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={spec['local_devices']}").strip()
+    import jax
+
+    from sam_jax.train import distributed
+
+    if spec["num_processes"] > 1:
+        distributed.initialize(f"127.0.0.1:{spec['port']}", spec["num_processes"], process_id,
+                               initialization_timeout=120)
+    import numpy as np
+
+    from sam_jax.train import run
+
+    assert jax.device_count() == spec["num_processes"] * spec["local_devices"]
+    assert jax.local_device_count() == spec["local_devices"]
+    fed = []
+    original = distributed.put_process_batch
+
+    def recording(batch, mesh):
+        out = original(batch, mesh)
+        fed.append([int(np.shape(batch["x"])[0]),
+                    sum(int(s.data.shape[0]) for s in out["x"].addressable_shards)])
+        return out
+
+    distributed.put_process_batch = recording
+    resumed = []
+    for item in spec["runs"]:
+        result = run(tiny_config(item["workdir"], item["per_device"]))
+        resumed.append(result.resumed_from)
+        if jax.process_index() == 0:
+            leaves = jax.tree_util.tree_leaves_with_path(result.variables)
+            np.savez(item["out"], **{jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+                                     for p, x in leaves})
+    with open(f"{spec['rows_out']}.{process_id}", "w") as f:
+        json.dump({"fed": fed, "process_count": jax.process_count(), "resumed_from": resumed,
+                   "psum_order": psum_order_probe()}, f)
+    if spec["num_processes"] > 1:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,195 @@
+"""Multi-process training (``jax.distributed`` on CPU, gloo collectives).
+
+Two processes × 2 simulated CPU devices train the same tiny config (digits, CNN-6
+width 2 with BatchNorm, ``sgd:1,sam:1``, 2 steps per epoch) as one process × 4
+devices, with per-device ε and with synced ε; then each layout resumes the other's
+checkpoint at the phase boundary and finishes the run.
+
+Equality. Both layouts run the same compiled program on the same 4-device mesh with
+the same per-device rows; the only difference is how the cross-device all-reduce
+(gradients, BatchNorm statistics, metrics) sums its 4 float32 operands: XLA's
+in-process CPU all-reduce in one process, gloo across processes. Different
+summation orders round differently (`psum_order` below shows it on
+``[1, 1e8, -1e8, 1]``), so the results are not bit-for-bit equal; measured here
+the largest difference of any parameter or BatchNorm statistic after 4 steps is
+1.8e-7 (a couple of float32 ulps at the parameters' scale). The tolerance
+``ATOL = 1e-5`` leaves room for that rounding to grow over the 4 steps while
+staying 3 orders of magnitude below the difference between per-device and synced
+ε (2.9e-2 here), which the test also checks, so a layout that silently computed
+the other ε, or fed the wrong rows, would fail.
+
+Slow (several compilations in 4 fresh processes: ~1-2 min on 2 idle cores, ~12
+min on a heavily loaded machine); CI runs the slow tests too (``.ci/run``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+TIMEOUT = float(os.environ.get("SAM_JAX_MULTIPROCESS_TIMEOUT", 900))
+ATOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(spec: dict, tmp) -> list:
+    path = os.path.join(tmp, f"spec_{spec['tag']}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return [subprocess.Popen([sys.executable, WORKER, path, str(pid)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for pid in range(spec["num_processes"])]
+
+
+def _wait(procs_by_tag: dict) -> None:
+    failures = []
+    for tag, procs in procs_by_tag.items():
+        for pid, proc in enumerate(procs):
+            try:
+                out, _ = proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                failures.append(f"{tag} process {pid} timed out after {TIMEOUT:.0f} s:\n"
+                                f"{out[-4000:]}")
+                continue
+            if proc.returncode != 0:
+                failures.append(f"{tag} process {pid} exited with {proc.returncode}:\n"
+                                f"{out[-4000:]}")
+    if failures:
+        pytest.fail("\n\n".join(failures))
+
+
+def _spec(tag: str, tmp, num_processes: int, runs: list) -> dict:
+    return {"tag": tag, "num_processes": num_processes, "local_devices": 4 // num_processes,
+            "port": _free_port(), "rows_out": os.path.join(tmp, f"rows_{tag}"),
+            "runs": [{"workdir": os.path.join(tmp, name), "per_device": per_device,
+                      "out": os.path.join(tmp, f"{name}.npz")} for name, per_device in runs]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("multiprocess"))
+    # Phase 1: both layouts, per-device and synced ε, concurrently.
+    one = _spec("one", tmp, 1, [("p1_device", True), ("p1_synced", False)])
+    two = _spec("two", tmp, 2, [("p2_device", True), ("p2_synced", False)])
+    _wait({"one": _launch(one, tmp), "two": _launch(two, tmp)})
+    # Phase 2: each layout resumes the other's checkpoint at epoch 1 (the phase
+    # boundary) and finishes the run: copies of the workdirs without epoch 2.
+    for src, dst in (("p2_device", "p1_from_p2"), ("p1_device", "p2_from_p1")):
+        shutil.copytree(os.path.join(tmp, src), os.path.join(tmp, dst))
+        shutil.rmtree(os.path.join(tmp, dst, "checkpoints", "2"))
+    one_r = _spec("one_r", tmp, 1, [("p1_from_p2", True)])
+    two_r = _spec("two_r", tmp, 2, [("p2_from_p1", True)])
+    _wait({"one_r": _launch(one_r, tmp), "two_r": _launch(two_r, tmp)})
+
+    def load(name):
+        with np.load(os.path.join(tmp, f"{name}.npz")) as f:
+            return dict(f)
+
+    def rows(tag, pid):
+        with open(os.path.join(tmp, f"rows_{tag}.{pid}")) as f:
+            return json.load(f)
+
+    names = ("p1_device", "p1_synced", "p2_device", "p2_synced", "p1_from_p2", "p2_from_p1")
+    return {"tmp": tmp, "vars": {n: load(n) for n in names}, "rows": rows}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def test_variables_hold_params_and_batch_stats(runs):
+    keys = list(runs["vars"]["p2_device"])
+    assert any(k.startswith("['params']") for k in keys)
+    assert any(k.startswith("['batch_stats']") for k in keys)
+
+
+@pytest.mark.parametrize("mode", ["device", "synced"])
+def test_two_processes_equal_one_process(runs, mode):
+    one, two = runs["vars"][f"p1_{mode}"], runs["vars"][f"p2_{mode}"]
+    diff = _max_diff(one, two)
+    bitwise = all(np.array_equal(one[k], two[k]) for k in one)
+    print(f"{mode} ε: 2 processes vs 1 process: bit-for-bit {bitwise}, max |Δ| {diff:.3g}")
+    assert diff <= ATOL
+
+
+def test_per_device_and_synced_epsilon_differ_far_beyond_tolerance(runs):
+    # The per-device (m-sharpness) step is not the synced one: the tolerance above
+    # could not hide a process that ran the wrong ε.
+    for p in ("p1", "p2"):
+        assert _max_diff(runs["vars"][f"{p}_device"], runs["vars"][f"{p}_synced"]) > 100 * ATOL
+
+
+def test_each_process_feeds_only_its_half_of_every_batch(runs):
+    for pid in (0, 1):
+        info = runs["rows"]("two", pid)
+        assert info["process_count"] == 2
+        assert info["fed"], "no batch went through put_process_batch"
+        for global_rows, local_rows in info["fed"]:
+            assert local_rows * 2 == global_rows
+    assert runs["rows"]("one", 0)["fed"] == []  # one process: the plain device_put
+
+
+def test_files_written_once_and_checkpoints_complete(runs):
+    from sam_jax.train import checkpoint_epochs
+    from sam_jax.train.logging import read_metrics
+
+    workdir = os.path.join(runs["tmp"], "p2_device")
+    records = read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [0, 1]  # process 1 appended nothing
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["num_processes"] == 2
+    assert checkpoint_epochs(workdir) == [1, 2]
+
+
+def test_checkpoint_written_by_two_processes_restores_in_one(runs):
+    from sam_jax.train import load_variables
+
+    p2 = runs["vars"]["p2_device"]
+    restored = load_variables(os.path.join(runs["tmp"], "p2_device"))  # this process
+    import jax
+
+    flat = {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(restored)}
+    assert all(np.array_equal(flat[k], p2[k]) for k in p2)  # bit-for-bit
+
+
+@pytest.mark.parametrize("resumed,reference", [("p1_from_p2", "p1_device"),
+                                               ("p2_from_p1", "p2_device")])
+def test_resume_across_layouts_finishes_the_run(runs, resumed, reference):
+    tag = "one_r" if resumed.startswith("p1") else "two_r"
+    assert runs["rows"](tag, 0)["resumed_from"] == [1]
+    workdir = os.path.join(runs["tmp"], resumed)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "corrupt"))
+    diff = _max_diff(runs["vars"][resumed], runs["vars"][reference])
+    print(f"{resumed} vs uninterrupted {reference}: max |Δ| {diff:.3g}")
+    assert diff <= ATOL
+
+
+def test_psum_order_is_reported(runs):
+    # Not an assertion on the order (an implementation detail of XLA and gloo):
+    # printed for the record of why the layouts are not bit-for-bit equal.
+    one, two = runs["rows"]("one", 0)["psum_order"], runs["rows"]("two", 0)["psum_order"]
+    print(f"psum([1, 1e8, -1e8, 1]) in float32: 1 process {one}, 2 processes {two}")
+    assert one in (0.0, 1.0, 2.0) and two in (0.0, 1.0, 2.0)
