@@ -5,6 +5,7 @@ Run:  python -m benchmarks.step_cost            (about 2-4 minutes on 2 CPU core
                                                  step of the CNN, see below)
       python -m benchmarks.step_cost --quick    (fewer repeats, for a smoke check)
       python -m benchmarks.step_cost --tiny     (tiny models, 2 repeats: smoke test)
+      python -m benchmarks.step_cost --memory-only   (compile only: the memory tables)
 
 For an MLP and a small CNN it times a full jitted step (gradient, transform, base
 SGD with momentum, apply) of SGD, SAM, USAM, ASAM, Eigen-SAM (released defaults:
@@ -136,10 +137,12 @@ MEMORY_FIELDS = ("temp", "argument", "output", "alias")
 
 def memory_stats(compiled) -> dict | None:
     """The compiled program's ``memory_analysis()`` in bytes (jax 0.10's
-    ``CompiledMemoryStats``): ``temp`` (scratch buffers), ``argument``, ``output``,
-    ``alias`` (outputs that reuse donated arguments; 0 here, nothing is donated) and
-    ``peak`` (``peak_memory_in_bytes`` where the backend reports it, which on CPU is
-    argument + output + temp - alias; that sum otherwise). ``None`` if unavailable."""
+    ``CompiledMemoryStats``): ``temp`` (XLA's scratch allocation: activations and
+    intermediates), ``argument``, ``output``, ``alias`` (outputs that reuse donated
+    arguments; 0 here, nothing is donated) and ``peak`` = argument + output + temp -
+    alias, the memory the step needs at most. (jax 0.10's ``peak_memory_in_bytes``
+    on CPU is argument + output only, without temp, so it is not used.) ``None`` if
+    the backend gives no analysis."""
     try:
         analysis = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend reports it
@@ -147,9 +150,7 @@ def memory_stats(compiled) -> dict | None:
     if analysis is None:
         return None
     stats = {f: int(getattr(analysis, f"{f}_size_in_bytes", 0) or 0) for f in MEMORY_FIELDS}
-    peak = getattr(analysis, "peak_memory_in_bytes", None)
-    stats["peak"] = int(peak) if peak else (stats["argument"] + stats["output"] + stats["temp"]
-                                            - stats["alias"])
+    stats["peak"] = stats["argument"] + stats["output"] + stats["temp"] - stats["alias"]
     return stats
 
 
@@ -219,6 +220,24 @@ def bench_problem(model, input_shape, repeats: int, calls_per_sample: int):
     return medians, minima, memory, breakdown, tree_bytes(params)
 
 
+def memory_problem(model, input_shape, names=None):
+    """Compile-only: ``memory_stats`` of each method's step (no timing) and the
+    parameter bytes. Eigen-SAM is its refresh step (the larger one)."""
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=input_shape), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 10, size=input_shape[0]), jnp.int32)}
+    params = model.init(jax.random.key(0), batch["x"])["params"]
+    breakdown = {}
+    for name, factory in transforms().items():
+        if names is not None and name not in names:
+            continue
+        tx = factory()
+        extra = {"eigen_refresh": True} if name == "Eigen-SAM" else {}
+        step = make_step(model, tx, name == "optax.contrib.sam", **extra)
+        breakdown[name] = memory_stats(step.lower(params, tx.init(params), batch).compile())
+    return breakdown, tree_bytes(params)
+
+
 EIGEN = "Eigen-SAM"
 EIGEN_STATIC = "Eigen-SAM, caller refresh"
 ORDER = ["SGD", "SAM", "USAM", "ASAM",
@@ -252,11 +271,13 @@ def format_memory_table(title, breakdown, param_bytes) -> str:
     the parameter size (target for SAM: at most 1 extra copy of the parameters)."""
     sgd = breakdown.get("SGD")
     lines = [f"#### {title}: compiled memory (parameters {param_bytes / 2**20:.3f} MiB)", "",
-             "| method | temp MiB | argument MiB | output MiB | alias MiB | peak MiB "
-             "| peak − SGD (× params) | temp − SGD (× params) |",
+             "| method | temp MiB | argument MiB | output MiB | alias MiB | arg+out+temp−alias MiB "
+             "| − SGD (× params) | temp − SGD (× params) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in MEMORY_ORDER:
-        m = breakdown.get(name)
+        if name not in breakdown:
+            continue
+        m = breakdown[name]
         if not m:
             lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
@@ -272,6 +293,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=41, help="timing samples per method")
     parser.add_argument("--calls-per-sample", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="5 repeats of 1 call")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="compile only and print the memory tables (no timing)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny models, 2 repeats: smoke test, the numbers are not results")
     args = parser.parse_args(argv)
@@ -280,6 +303,12 @@ def main(argv=None):
     if args.tiny:
         args.repeats, args.calls_per_sample = 2, 1
         print("tiny: smoke test, tiny models and 2 repeats; the numbers are not results")
+    if args.memory_only:
+        for title, model, shape in problems(args.tiny):
+            breakdown, param_bytes = memory_problem(model, shape)
+            print(format_memory_table(title + " (Eigen-SAM: its refresh step, caller flag)",
+                                      breakdown, param_bytes), "\n", flush=True)
+        return
 
     print(f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
           f"devices {jax.devices()}; median of {args.repeats} interleaved samples "
@@ -305,7 +334,7 @@ def main(argv=None):
     for label, by_median, by_min, target in verdicts:
         verdict = "OK" if by_median <= target else ("OK by min" if by_min <= target else "MISSED")
         print(f"  {label} = {by_median:.3f}, {by_min:.3f} (target <= {target}) {verdict}")
-    print("Memory target: SAM peak - SGD peak <= 1 copy of the parameters:")
+    print("Memory target: SAM (arg+out+temp-alias) - SGD's <= 1 copy of the parameters:")
     for title, extra in memory_verdicts:
         print(f"  {title}: {extra:+.2f} x params {'OK' if extra <= 1.0 else 'MISSED'}")
 

@@ -183,7 +183,7 @@ def _flax_layers(tree, prefix=()):
     import numpy as np
 
     if all(not isinstance(v, dict) and hasattr(v, "shape") for v in tree.values()):
-        return [(prefix, {k: np.asarray(v) for k, v in tree.items()})]
+        return [(prefix, {k: np.array(v) for k, v in tree.items()})]  # writable copies
     out = []
     for key, value in tree.items():  # linen keeps creation order
         out += _flax_layers(value, prefix + (key,))
@@ -632,6 +632,8 @@ def main(argv=None):
     parser.add_argument("--max-case-seconds", type=float, default=120.0,
                         help="stop sampling a case (both frameworks) after this much timed "
                              "wall time, once it has 5 samples; the table's n says how many")
+    parser.add_argument("--attempts", type=lambda s: [int(t) for t in s.split(",")], default=None,
+                        help="with --investigate: indices into INVESTIGATIONS (default all)")
     parser.add_argument("--json", help="also write the raw results here")
     # worker-only options
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -647,7 +649,11 @@ def main(argv=None):
             parser.error(f"unknown model {name!r}; choose from {MODELS}")
 
     if args.worker:
-        print(json.dumps(worker(args)))
+        result = worker(args)
+        if args.json:  # the worker's own copy, kept even if the parent dies
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        print(json.dumps(result))
         return None
 
     common = ["--samples", str(args.samples), "--resnet-width", str(args.resnet_width),
@@ -661,10 +667,12 @@ def main(argv=None):
         print(f"ResNet-18 (width {args.resnet_width}, batch 64) SAM step, {threads} threads, "
               f"one process per attempt, {args.samples} interleaved samples\n")
         rows, raw = [], []
-        for label, flags, options in INVESTIGATIONS:
+        for index, (label, flags, options) in enumerate(INVESTIGATIONS):
+            if args.attempts and index not in args.attempts:
+                continue
             argv_w = [*common, "--threads", str(threads), "--models", "resnet18", "--steps", "SAM"]
             if flags:
-                argv_w += ["--xla-flags", flags]
+                argv_w.append(f"--xla-flags={flags}")  # "=": the value starts with "--"
             if "precision" in options:
                 argv_w += ["--precision", options["precision"]]
             if "dtype" in options:
@@ -675,6 +683,7 @@ def main(argv=None):
                 run = _spawn(argv_w)
             except RuntimeError as error:
                 rows.append([label, "failed", "", "", "", "", str(error).splitlines()[-1][:60]])
+                print(rows[-1], flush=True)
                 continue
             raw.append({"label": label, **run})
             m = run["models"][0]
