@@ -260,3 +260,24 @@ def test_progress_bar_follows_the_terminal():
 
     assert Progress(10, enabled=True, stream=io.StringIO())._bar.disable  # pytest: no TTY
     assert not Progress(10, enabled=True, bar=True, stream=io.StringIO())._bar.disable
+
+
+def test_auto_mode_uses_the_optim_hint_when_it_exists(tmp_path, monkeypatch):
+    # The hook for sam_jax.optim._core.assume_nonzero_rho (a context manager under
+    # which a traced rho skips the rho == 0 lax.cond): 'auto' traces rho when it
+    # exists and the engine traces every rho > 0 step inside it.
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def hint():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(sam_jax.optim._core, "assume_nonzero_rho", hint, raising=False)
+    cache = CompileCache()
+    assert cache.traced_rho
+    run(_config(tmp_path / "hinted", phases="sgd:1,sam:1:0.05"), cache=cache)
+    assert len(entered) == 1  # the SAM step, traced once; SGD needs no hint
+    assert cache.train_step_compilations == 2
