@@ -28,9 +28,10 @@ def tiny_config(workdir: str, per_device: bool):
         per_device_perturbation=per_device, seed=3, keep_last=None, progress=False)
 
 
-def psum_order_probe() -> float:
-    """psum over the 4 devices of [1, 1e8, -1e8, 1] (float32): its value shows the
-    all-reduce's summation order (sequential: 1.0; pairwise: 0.0; ...)."""
+def psum_order_probe() -> list:
+    """psum over the 4 devices of rows filled with 1, 1e8, -1e8, 1 (float32, 8
+    columns): each column's value shows the order its all-reduce summed the 4
+    operands in (0→1→2→3: 1.0; starting at device 1 or 3: 2.0 or 0.0; ...)."""
     import jax
     import numpy as np
     from jax.sharding import PartitionSpec as P
@@ -38,10 +39,11 @@ def psum_order_probe() -> float:
     from sam_jax.train import parallel
 
     mesh = parallel.make_mesh()
-    x = parallel.put_batch({"x": np.array([1.0, 1e8, -1e8, 1.0], np.float32)}, mesh)["x"]
+    rows = np.repeat(np.array([[1.0], [1e8], [-1e8], [1.0]], np.float32), 8, axis=1)
+    x = parallel.put_batch({"x": rows}, mesh)["x"]
     total = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "data"), mesh=mesh,
                                   in_specs=P("data"), out_specs=P()))(x)
-    return float(jax.device_get(total)[0])
+    return [float(v) for v in np.asarray(jax.device_get(total))[0]]
 
 
 def main(spec_path: str, process_id: int) -> None:

@@ -9,8 +9,10 @@ Equality. Both layouts run the same compiled program on the same 4-device mesh w
 the same per-device rows; the only difference is how the cross-device all-reduce
 (gradients, BatchNorm statistics, metrics) sums its 4 float32 operands: XLA's
 in-process CPU all-reduce in one process, gloo across processes. Different
-summation orders round differently (`psum_order` below shows it on
-``[1, 1e8, -1e8, 1]``), so the results are not bit-for-bit equal; measured here
+summation orders round differently, so the results are not bit-for-bit equal
+(`test_psum_order_is_reported` shows it: summing device rows 1, 1e8, -1e8, 1, the
+single process adds every column in device order, gloo's ring all-reduce starts
+each chunk of the array at another device); measured here
 the largest difference of any parameter or BatchNorm statistic after 4 steps is
 1.8e-7 (a couple of float32 ulps at the parameters' scale). The tolerance
 ``ATOL = 1e-5`` leaves room for that rounding to grow over the 4 steps while
@@ -18,8 +20,9 @@ staying 3 orders of magnitude below the difference between per-device and synced
 ε (2.9e-2 here), which the test also checks, so a layout that silently computed
 the other ε, or fed the wrong rows, would fail.
 
-Slow (several compilations in 4 fresh processes: ~1-2 min on 2 idle cores, ~12
-min on a heavily loaded machine); CI runs the slow tests too (``.ci/run``).
+Slow: 6 fresh processes compile the steps again (about 40 s of CPU each); 5.5 min
+wall on the shared 2-core machine at load 6-20. CI runs the slow tests too
+(``.ci/run``). The fast tests at the end need no subprocess.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # every test that uses the `runs` fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
@@ -119,12 +122,14 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
+@slow
 def test_variables_hold_params_and_batch_stats(runs):
     keys = list(runs["vars"]["p2_device"])
     assert any(k.startswith("['params']") for k in keys)
     assert any(k.startswith("['batch_stats']") for k in keys)
 
 
+@slow
 @pytest.mark.parametrize("mode", ["device", "synced"])
 def test_two_processes_equal_one_process(runs, mode):
     one, two = runs["vars"][f"p1_{mode}"], runs["vars"][f"p2_{mode}"]
@@ -134,6 +139,7 @@ def test_two_processes_equal_one_process(runs, mode):
     assert diff <= ATOL
 
 
+@slow
 def test_per_device_and_synced_epsilon_differ_far_beyond_tolerance(runs):
     # The per-device (m-sharpness) step is not the synced one: the tolerance above
     # could not hide a process that ran the wrong ε.
@@ -141,6 +147,7 @@ def test_per_device_and_synced_epsilon_differ_far_beyond_tolerance(runs):
         assert _max_diff(runs["vars"][f"{p}_device"], runs["vars"][f"{p}_synced"]) > 100 * ATOL
 
 
+@slow
 def test_each_process_feeds_only_its_half_of_every_batch(runs):
     for pid in (0, 1):
         info = runs["rows"]("two", pid)
@@ -151,6 +158,7 @@ def test_each_process_feeds_only_its_half_of_every_batch(runs):
     assert runs["rows"]("one", 0)["fed"] == []  # one process: the plain device_put
 
 
+@slow
 def test_files_written_once_and_checkpoints_complete(runs):
     from sam_jax.train import checkpoint_epochs
     from sam_jax.train.logging import read_metrics
@@ -163,6 +171,7 @@ def test_files_written_once_and_checkpoints_complete(runs):
     assert checkpoint_epochs(workdir) == [1, 2]
 
 
+@slow
 def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     from sam_jax.train import load_variables
 
@@ -175,6 +184,7 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     assert all(np.array_equal(flat[k], p2[k]) for k in p2)  # bit-for-bit
 
 
+@slow
 @pytest.mark.parametrize("resumed,reference", [("p1_from_p2", "p1_device"),
                                                ("p2_from_p1", "p2_device")])
 def test_resume_across_layouts_finishes_the_run(runs, resumed, reference):
@@ -187,9 +197,85 @@ def test_resume_across_layouts_finishes_the_run(runs, resumed, reference):
     assert diff <= ATOL
 
 
+@slow
 def test_psum_order_is_reported(runs):
     # Not an assertion on the order (an implementation detail of XLA and gloo):
-    # printed for the record of why the layouts are not bit-for-bit equal.
+    # printed for the record of why the layouts are not bit-for-bit equal. Measured
+    # here: 1 process [1.0]*8 (every column summed 0→1→2→3); 2 processes
+    # [1, 1, 0, 0, 0, 0, 2, 2] (gloo's ring all-reduce starts each chunk at
+    # another device).
     one, two = runs["rows"]("one", 0)["psum_order"], runs["rows"]("two", 0)["psum_order"]
-    print(f"psum([1, 1e8, -1e8, 1]) in float32: 1 process {one}, 2 processes {two}")
-    assert one in (0.0, 1.0, 2.0) and two in (0.0, 1.0, 2.0)
+    print(f"psum of rows (1, 1e8, -1e8, 1) in float32, per column: 1 process {one}, "
+          f"2 processes {two}")
+    assert len(one) == len(two) == 8
+    assert set(one) | set(two) <= {0.0, 1.0, 2.0}
+
+
+# ------------------------------------------------------- fast, single process
+class _FakeSharding:
+    def __init__(self, spans):
+        self.spans = spans
+
+    def addressable_devices_indices_map(self, shape):
+        return {i: (slice(a, b),) + (slice(None),) * (len(shape) - 1)
+                for i, (a, b) in enumerate(self.spans)}
+
+
+def test_local_rows_is_the_union_of_this_process_shards():
+    from sam_jax.train.distributed import local_rows
+
+    assert local_rows(_FakeSharding([(12, 16), (8, 12)]), (16, 3)) == slice(8, 16)
+    with pytest.raises(ValueError, match="not contiguous"):
+        local_rows(_FakeSharding([(0, 4), (8, 12)]), (16, 3))
+
+
+def test_put_process_batch_in_one_process_is_the_plain_device_put():
+    import jax
+
+    from sam_jax.train import distributed, parallel
+
+    mesh = parallel.make_mesh()
+    batch = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3),
+             "y": np.arange(8, dtype=np.int32)}
+    got = distributed.put_process_batch(batch, mesh)
+    want = jax.device_put(batch, parallel.batch_sharded(mesh))
+    for key in batch:
+        assert got[key].sharding == want[key].sharding
+        np.testing.assert_array_equal(np.asarray(got[key]), batch[key])
+        for a, b in zip(got[key].addressable_shards, want[key].addressable_shards):
+            assert a.device == b.device and a.index == b.index
+
+
+def test_cli_passes_its_flags_to_initialize_and_the_rest_to_the_train_cli(monkeypatch):
+    from sam_jax.train import cli, distributed
+
+    calls = {}
+    monkeypatch.setattr(distributed, "initialize",
+                        lambda *args: calls.setdefault("initialize", args))
+    monkeypatch.setattr(distributed, "shutdown", lambda: calls.setdefault("shutdown", True))
+    monkeypatch.setattr(distributed, "set_local_cpu_devices",
+                        lambda k: calls.setdefault("cpu", k))
+    monkeypatch.setattr(cli, "main", lambda argv: calls.setdefault("train", argv) and 0)
+    argv = ["--coordinator-address", "10.0.0.1:1234", "--num-processes", "4",
+            "--process-id", "3", "--local-cpu-devices", "2", "--", "--workdir", "w",
+            "--phases", "sgd:1"]
+    assert distributed.main(argv) == 0
+    assert calls == {"cpu": 2, "initialize": ("10.0.0.1:1234", 4, 3),
+                     "train": ["--workdir", "w", "--phases", "sgd:1"], "shutdown": True}
+
+
+def test_initialize_reads_the_environment(monkeypatch):
+    import jax
+
+    from sam_jax.train import distributed
+
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *a: seen.setdefault("config", a))
+    monkeypatch.setenv(distributed.ENV_COORDINATOR, "h:1")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "2")
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "1")
+    distributed.initialize()
+    assert (seen["coordinator_address"], seen["num_processes"], seen["process_id"]) == \
+        ("h:1", 2, 1)
+    assert seen["config"] == ("jax_cpu_collectives_implementation", "gloo")

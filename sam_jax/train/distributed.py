@@ -150,6 +150,28 @@ def put_process_batch(batch: dict, mesh) -> dict:
     return jax.tree.map(put, batch)
 
 
+def put_replicated(tree, mesh):
+    """``tree`` replicated over the (global) mesh.
+
+    Leaves already on the mesh stay; a process-local array (e.g. restored from a
+    checkpoint onto this process's first device, the same value in every process)
+    is rebuilt from its host value with ``jax.make_array_from_callback`` (a plain
+    ``device_put`` of a committed local array to a cross-process sharding needs
+    cross-host transfers the CPU backend lacks).
+    """
+    from sam_jax.train import parallel
+
+    target = parallel.replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and (x.sharding == target or not x.is_fully_addressable):
+            return x if x.sharding == target else jax.device_put(x, target)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
 # ------------------------------------------------------------------ host reads
 def host_value(x) -> np.ndarray:
     """A global array's value on the host of every process.

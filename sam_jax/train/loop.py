@@ -390,7 +390,7 @@ def train_epoch(setup: RunSetup, state: TrainState, epoch: int,
     # count right).
     steps = {kind: setup.train_step(opt, kind) for kind in opt.step_kinds}
     count = opt.count(state.opt_state) if opt.step_picker is not None else 0
-    state = jax.device_put(state, parallel.replicated(mesh))
+    state = parallel.put_replicated(state, mesh)
     step_metrics, lr = [], 0.0
     batches = setup.train_ds.batches(config.batch_size, seed=config.seed, epoch=epoch,
                                      augment=True)

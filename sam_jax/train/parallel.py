@@ -54,6 +54,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> N
 
 
 def put_replicated(tree, mesh: Mesh):
+    if jax.process_count() > 1:  # process-local arrays (a restore) -> global
+        from sam_jax.train import distributed
+        return distributed.put_replicated(tree, mesh)
     return jax.device_put(tree, replicated(mesh))
 
 
