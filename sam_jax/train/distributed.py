@@ -27,8 +27,11 @@ the single-process ones; what changes is only what each process does on the host
 Run a training job on several processes with `main` (the train CLI behind the
 multi-process flags)::
 
-    python -m sam_jax.train.distributed --coordinator-address HOST:PORT \\
+    python -m sam_jax.train.multihost --coordinator-address HOST:PORT \\
         --num-processes N --process-id I [--local-cpu-devices K] -- <train flags>
+
+(``sam_jax.train.multihost`` only calls `main`; running this module with ``-m``
+works too but makes Python warn, since the package imports it first.)
 
 or set ``SAM_JAX_COORDINATOR_ADDRESS``/``SAM_JAX_NUM_PROCESSES``/
 ``SAM_JAX_PROCESS_ID`` (JAX's own ``JAX_COORDINATOR_ADDRESS`` also works).
@@ -232,7 +235,7 @@ def write_config(workdir: str, config_dict: dict, extra: Optional[dict] = None) 
 # ------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sam_jax.train.distributed",
+        prog="python -m sam_jax.train.multihost",
         description="Run `python -m sam_jax.train` as one process of a multi-process "
                     "JAX job: the same command on every host, differing only in "
                     "--process-id. Flags after `--` go to the train CLI.")
@@ -259,10 +262,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.local_cpu_devices is not None:
         set_local_cpu_devices(args.local_cpu_devices)
     initialize(args.coordinator_address, args.num_processes, args.process_id)
+    import contextlib
+
     from sam_jax.train import cli
 
     try:
-        return cli.main(train_argv)
+        if is_primary():
+            return cli.main(train_argv)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return cli.main(train_argv)  # errors still reach stderr
     finally:
         shutdown()
 
