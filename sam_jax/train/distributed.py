@@ -20,8 +20,8 @@ the single-process ones; what changes is only what each process does on the host
   any global array (``process_allgather`` where it is not replicated).
 * **files**: only process 0 writes ``config.json`` and ``metrics.jsonl`` and prints
   (`is_primary`, `metrics_log`, `write_config`); every process calls the orbax
-  checkpointer (orbax writes each replicated array once, from its primary replica,
-  and synchronizes the processes around the commit). The workdir must be on a file
+  checkpointer together (orbax decides which process writes which shard and
+  synchronizes the processes around the commit). The workdir must be on a file
   system every process sees (here: one local disk).
 
 Run a training job on several processes with `main` (the train CLI behind the
