@@ -190,22 +190,37 @@ def _flax_layers(tree, prefix=()):
     return out
 
 
+def flax_path(name: str, torch_name: str) -> tuple[str, ...]:
+    """The Flax variable path of a PyTorch twin's leaf layer (by its module name)."""
+    parts = torch_name.split(".")
+    if name == "mlp":  # Sequential(Linear, ReLU, Linear, ReLU, Linear)
+        return (f"Dense_{int(parts[0]) // 2}",)
+    if name == "cnn1d":
+        return ("Dense_0",) if parts[0] == "linear" else (f"Conv_{int(parts[0][-1]) - 1}",)
+    top = {"conv1": "Conv_0", "bn1": "BatchNorm_0", "linear": "Dense_0"}
+    if parts[0] != "blocks":
+        return (top[parts[0]],)
+    inner = {"conv1": "Conv_0", "bn1": "BatchNorm_0", "conv2": "Conv_1", "bn2": "BatchNorm_1",
+             "shortcut.0": "Conv_2", "shortcut.1": "BatchNorm_2"}
+    return (f"BasicBlock_{parts[1]}", inner[".".join(parts[2:])])
+
+
 def copy_jax_to_torch(name: str, variables, model) -> None:
     """Load Flax ``variables`` ({'params', ['batch_stats']}) into the PyTorch twin."""
     import numpy as np
     import torch
 
-    params = _flax_layers(dict(variables["params"]))
+    params = dict(_flax_layers(dict(variables["params"])))
     stats = dict(_flax_layers(dict(variables.get("batch_stats", {}))))
-    leaves = [m for m in model.modules()
+    leaves = [(n, m) for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear,
                                 torch.nn.BatchNorm2d))]
     assert len(leaves) == len(params), (len(leaves), len(params))
     with torch.no_grad():
-        for (path, layer), module in zip(params, leaves):
-            kind = path[-1].split("_")[0]
+        for torch_name, module in leaves:
+            path = flax_path(name, torch_name)
+            layer = params[path]
             if isinstance(module, torch.nn.BatchNorm2d):
-                assert kind == "BatchNorm", path
                 module.weight.copy_(torch.from_numpy(layer["scale"]))
                 module.bias.copy_(torch.from_numpy(layer["bias"]))
                 module.running_mean.copy_(torch.from_numpy(stats[path]["mean"]))
@@ -213,7 +228,6 @@ def copy_jax_to_torch(name: str, variables, model) -> None:
                 continue
             kernel = layer["kernel"]
             if isinstance(module, torch.nn.Linear):
-                assert kind == "Dense", path
                 if name == "cnn1d":  # Flax flattens (N, L, C), PyTorch (N, C, L)
                     length = 5  # 40 -> 19 -> 10 -> 5 samples
                     channels = kernel.shape[0] // length
@@ -221,7 +235,6 @@ def copy_jax_to_torch(name: str, variables, model) -> None:
                         kernel.shape[0], -1)
                 module.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
             else:
-                assert kind == "Conv", path
                 axes = (2, 1, 0) if kernel.ndim == 3 else (3, 2, 0, 1)
                 module.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.transpose(axes))))
             if module.bias is not None:

@@ -136,7 +136,9 @@ def test_torch_twin_same_logits_and_same_steps(name):
         assert torch_loss.item() == pytest.approx(float(loss), rel=1e-5), label
         expected = vp.torch_model(name, tiny=True)
         vp.copy_jax_to_torch(name, {"params": new_params, "batch_stats": new_stats}, expected)
-        _assert_torch_equal(torch, twin, expected, tol=2e-5)
+        # float32 rounding through BatchNorm over a batch of 4 reaches ~5e-5 (the
+        # updates themselves are ~1e-2), so the ResNet gets a looser tolerance
+        _assert_torch_equal(torch, twin, expected, tol=2e-4 if name == "resnet18" else 2e-5)
         # the step moved the weights (so the comparison is not vacuous)
         moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)))
