@@ -9,10 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-import sam_jax
 from benchmarks import step_cost
 from benchmarks import vs_pytorch as vp
 
