@@ -22,6 +22,9 @@ in-graph tools several members share (:func:`hessian_vector_product`).
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -340,16 +343,40 @@ def static_value(x) -> Optional[float]:
         return None
 
 
+_NONZERO_RHO = threading.local()
+
+
+@contextlib.contextmanager
+def assume_nonzero_rho():
+    """While tracing a step that its caller knows has ρ > 0 (a training engine passing
+    ρ as a traced value to share one compiled step across ρ values), a traced ρ takes
+    the perturbed branch without the ``ρ == 0`` ``lax.cond`` of `select_on_rho`.
+
+    Why: XLA:CPU runs convolutions inside a ``cond`` body far slower than at top level
+    (jax-ml/jax#12868). Safe even if misused: at ρ = 0 the perturbed branch evaluates
+    the gradient at ``θ + 0 = θ``, the same values, at the cost of a second gradient.
+    """
+    previous = getattr(_NONZERO_RHO, "on", False)
+    _NONZERO_RHO.on = True
+    try:
+        yield
+    finally:
+        _NONZERO_RHO.on = previous
+
+
 def select_on_rho(rho, grads: Updates, perturbed: Callable[[], Updates]) -> Updates:
     """``grads`` when ``rho == 0`` (untouched, bit for bit), ``perturbed()`` otherwise.
 
     A concrete ``rho`` decides in Python, so the compiled step carries no branch;
     a traced ``rho`` (``optax.inject_hyperparams``) uses ``lax.cond``, so the second
-    gradient is not even computed on steps where the schedule gives 0.
+    gradient is not even computed on steps where the schedule gives 0 — unless the
+    caller traces under `assume_nonzero_rho`.
     """
     value = static_value(rho)
     if value is not None:
         return grads if value == 0.0 else perturbed()
+    if getattr(_NONZERO_RHO, "on", False):
+        return perturbed()
     return jax.lax.cond(jnp.asarray(rho) == 0, lambda: grads, perturbed)
 
 
@@ -372,7 +399,7 @@ def check_rho(rho, name: str = "rho") -> None:
     except ValueError:  # e.g. a NumPy string scalar
         raise TypeError(f"{name} must be a number (the perturbation radius, e.g. 0.05), "
                         f"got {rho!r}") from None
-    if value is not None and (not jnp.isfinite(value) or value < 0):
+    if value is not None and (not math.isfinite(value) or value < 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {rho!r}")
 
 
