@@ -46,9 +46,14 @@ ratio PyTorch median / JAX median (> 1: sam_jax is faster) and the 1-minute load
 average (``/proc/loadavg``) before and after. On a shared machine these numbers are
 noisy; the ratios, taken from interleaved samples, are the robust part.
 
-Result here (docs/benchmarks.md has the tables): sam_jax is faster on the small
-models and slower on the ResNet-18, whose convolutions XLA:CPU runs slower than
-PyTorch's oneDNN.
+Result here (docs/benchmarks.md has the tables; late rerun on a nearly idle 2-core
+machine, ``--samples 11 --max-case-seconds 30``, 284 s): SAM step on ``cnn1d``
+sam_jax 1.30 ms vs PyTorch 4.72 ms at 2 threads (3.6x faster); ``mlp`` 1.2-1.4x
+faster; ResNet-18 (width 16) 1.12x faster at 1 thread but 1.6x slower at 2 threads
+(688 vs 426 ms): XLA:CPU's ResNet step does not speed up with the second thread,
+PyTorch's does. HVP 1.5-6.6x faster everywhere. Under heavy load (load 10-25)
+PyTorch with 2 threads collapses by 10-70x. No XLA flag tried closes the 2-thread
+gap (``--investigate``).
 """
 
 from __future__ import annotations
