@@ -280,3 +280,14 @@ def test_an_incomplete_newest_step_falls_back_and_is_kept(copy, finished):
     assert _equal(result.variables, finished.variables)  # epoch 3 retrained bit for bit
     kept = sorted(os.listdir(copy / "checkpoints" / "corrupt" / "3"))  # moved aside, not deleted
     assert kept == ["commit_success.txt", "meta", "opt_state", "variables"]
+
+
+def test_temporaries_left_by_a_kill_are_removed_when_a_run_starts(copy):
+    stale = [copy / ".metrics.jsonl.abc123.tmp", copy / ".config.json.xyz.tmp"]
+    for path in stale:
+        path.write_text("partial")
+    keep = copy / ".other.tmp"  # not ours: left alone
+    keep.write_text("x")
+    tlog.MetricsLog(str(copy), keep_before_epoch=3, resumed=True)
+    assert not any(path.exists() for path in stale)
+    assert keep.exists()

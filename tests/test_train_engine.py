@@ -136,12 +136,14 @@ def test_run_identity_is_one_comparison():
     a = TrainConfig(workdir="a", seed=3, model_kwargs={"width": 8})
     logistics = TrainConfig(workdir="b", seed=3, model_kwargs={"width": 8}, progress=False,
                             eval_every=5, keep_last=None, lambda_max_every=2,
-                            lambda_max_chunk=64, host_step_kinds=False)
+                            eval_batch_size=250, host_step_kinds=False)
     assert a.run_identity() == logistics.run_identity()
     assert hash(a.run_identity()) == hash(logistics.run_identity())
     assert a.run_identity() != a.replace(lr=0.2).run_identity()
     assert a.run_identity() != a.replace(phases="sgd:20,sam:5:0.1").run_identity()
     assert a.run_identity() != a.replace(model_kwargs={"width": 9}).run_identity()
+    # the lambda_max protocol defines what is logged: identity
+    assert a.run_identity() != a.replace(lambda_max_chunk=64).run_identity()
     # canonical: JSON round trip, a field an older version did not save is its default
     saved = json.loads(json.dumps(a.to_dict()))
     del saved["clip_norm"]

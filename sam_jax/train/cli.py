@@ -63,6 +63,9 @@ _HELP = {
     "checkpoint_every": "save every N epochs (phase boundaries and the last epoch always)",
     "lambda_max_every": "log lambda_max (Lanczos) every k epochs (0: never)",
     "lambda_max_examples": "train examples (un-augmented) for lambda_max",
+    "lambda_max_chunk": "examples per HVP chunk of the lambda_max measurement (BN 'batch' "
+                        "mode normalizes each chunk by its own statistics; 128 as the "
+                        "late-phase SAM code)",
     "lambda_max_bn_mode": "batch (late-phase SAM) | running (PyHessian)",
     "lambda_max_iters": "Lanczos steps for lambda_max",
     "eval_every": "evaluate on the test set every N epochs",
@@ -233,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     except OSError as err:  # another write failure (e.g. metrics.jsonl on a full disk)
         return _fail(1, f"{err.strerror or err} ({getattr(err, 'filename', None) or ''})")
-    from sam_jax.train.logging import summarize
+    if not config.progress:  # with progress on, the per-epoch table was printed live
+        from sam_jax.train.logging import summarize
 
-    print(summarize(result.history[-min(len(result.history), 10):]))
+        print(summarize(result.history))
     print(f"done: {result.final_epoch} epochs, {result.grad_evals:.0f} gradient evaluations, "
           f"{time.time() - start:.1f} s this invocation; results in {result.workdir}")
     return 0

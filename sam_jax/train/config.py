@@ -190,7 +190,7 @@ class TrainConfig:
       lambda_max_chunk: examples per Hessian-vector-product chunk of the λ_max
         measurement (in ``batch`` BN mode each chunk is normalized by its own
         statistics): 128 as the late-phase SAM authors' code ([code],
-        zzp1012/SAM-in-Late-Phase). A measurement option (logistics).
+        zzp1012/SAM-in-Late-Phase). Part of the λ_max protocol, hence of the run's identity.
       lambda_max_examples, lambda_max_bn_mode, lambda_max_iters: the λ_max
         protocol (late-phase SAM: ≤ 5000 un-augmented train examples, BN in train
         mode i.e. ``batch``, no label smoothing).
@@ -209,7 +209,8 @@ class TrainConfig:
 
     Run identity: a resume refuses a change of any field but the logistics ones
     (`LOGISTICS_FIELDS`: workdir, resume, progress, eval_every, checkpoint_every,
-    keep_last, keep_every, lambda_max_every, host_step_kinds and its alias); the
+    keep_last, keep_every, lambda_max_every, eval_batch_size, host_step_kinds and
+    its alias); the
     others are `RUN_IDENTITY_FIELDS` (`identity_differences`).
 
     Engine options: an algorithm that declares ``engine_options`` (e.g. the run's
@@ -399,9 +400,9 @@ LOGISTICS_FIELDS: dict[str, str] = {
     "keep_last": "checkpoint retention",
     "keep_every": "checkpoint retention",
     "lambda_max_every": "lambda_max logging cadence (its protocol fields are identity)",
-    "lambda_max_chunk": "examples per chunk of the lambda_max measurement (a measurement "
-                        "option: it changes what is logged as lambda_max in BN 'batch' "
-                        "mode, never the training)",
+    "eval_batch_size": "test-evaluation batch size: every test example is evaluated "
+                       "either way (the last batch masked), so it changes the logged test "
+                       "loss only at float-summation rounding, never the training",
     "host_step_kinds": "dispatch of an algorithm's two step kinds (host pick or in-graph "
                        "cond); same step, equal to float rounding (tests: params bit for "
                        "bit, eigenvalue to one ulp), so it may change at rounding level",
@@ -417,8 +418,8 @@ def _identity_fields() -> tuple[str, ...]:
 # Everything that changes the mathematics of the run or the meaning of what it logs:
 # data, model, phases (hence the number of epochs: the schedule spans them all, so
 # a finished run cannot be extended in place), optimizer, loss, devices, seed,
-# init_from/init_step, and the evaluation/lambda_max protocol (eval_batch_size, the
-# examples, BN mode and iterations of lambda_max).
+# init_from/init_step, and the lambda_max protocol (examples, chunk size, BN mode
+# and iterations: in BN 'batch' mode the chunk size changes what lambda_max means).
 RUN_IDENTITY_FIELDS: tuple[str, ...] = _identity_fields()
 
 

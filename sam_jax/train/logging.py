@@ -79,6 +79,23 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(directory)
 
 
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Removes the temporary files a kill left behind in `atomic_write_text`
+    (``.config.json.*.tmp``, ``.metrics.jsonl.*.tmp``): never read, only clutter.
+    Called when a run (the workdir's only writer) starts. Returns the removed names."""
+    removed = []
+    for base in (CONFIG_FILE, METRICS_FILE):
+        prefix = f".{base}."
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(name)
+                except OSError:
+                    pass
+    return removed
+
+
 def package_versions() -> dict:
     """``{"sam_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"}``
     versions (installed package metadata; sam_jax's falls back to
@@ -167,6 +184,7 @@ class MetricsLog:
     def __init__(self, workdir: str, keep_before_epoch: Optional[int] = None,
                  resumed: bool = False):
         self.path = os.path.join(workdir, METRICS_FILE)
+        remove_stale_temporaries(workdir)
         kept = []
         if keep_before_epoch is not None:
             kept = [r for r in read_metrics(workdir) if r["epoch"] < keep_before_epoch]
