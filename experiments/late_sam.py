@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
-from functools import reduce
 from pathlib import Path
 from typing import Sequence
 
@@ -262,8 +260,11 @@ def _engine_has(field: str) -> bool:
 
 def make_train_config(study: StudyConfig, workdir: Path, phases: str, seed: int,
                       init_from: Path | None = None, init_step: int | None = None,
-                      keep_every: int | None = None):
+                      keep_every: int | None = None, keep_epochs: Sequence[int] = ()):
     """The ``TrainConfig`` of one run of the study.
+
+    Checkpoints: the last epoch, the phase boundaries and ``keep_epochs`` (the switch
+    points the branches start from) are kept, nothing else (``keep_last=1``).
 
     λ_max is measured at the last epoch only; the test set is evaluated after every
     epoch (``eval_every=1``, for Fig. 1a: one pass over the test set per epoch, about
@@ -284,14 +285,11 @@ def make_train_config(study: StudyConfig, workdir: Path, phases: str, seed: int,
         model=study.model, model_kwargs=dict(study.model_kwargs), phases=phases,
         rho=study.rho, seed=seed, init_from=None if init_from is None else str(init_from),
         init_step=init_step, keep_last=1, keep_every=keep_every,
+        keep_epochs=tuple(keep_epochs),
         checkpoint_every=1 if keep_every else total, eval_every=1,
         lambda_max_every=total, lambda_max_examples=study.lambda_examples,
         lambda_max_iters=study.lambda_iters, lambda_max_bn_mode=study.lambda_bn_mode,
         progress=False, momentum_at_switch="reset", **extra, **study.train)
-
-
-def _gcd(values: Sequence[int]) -> int | None:
-    return reduce(math.gcd, values) if values else None
 
 
 def runs_per_seed(study: StudyConfig) -> int:
@@ -367,9 +365,9 @@ def run_seed(study: StudyConfig, seed: int, workdir: Path, log=print,
         return result
 
     runs = {}
-    sgd = train("sgd", "full SGD", f"sgd:{total}", keep_every=_gcd(sgd_points))
+    sgd = train("sgd", "full SGD", f"sgd:{total}", keep_epochs=sgd_points)
     runs["sgd"] = record(sgd, "baseline", 0)
-    sam = train("sam", "full SAM", f"sam:{total}", keep_every=_gcd(sam_points))
+    sam = train("sam", "full SAM", f"sam:{total}", keep_epochs=sam_points)
     runs["sam"] = record(sam, "baseline", total)
     for k in study.sgd_to_sam_epochs:
         t_switch = total - k

@@ -270,7 +270,6 @@ def run_seed(study: StudyConfig, seed: int, workdir: Path,
     flipped = np.flatnonzero(train_ds.per_example.get("noisy", np.zeros(len(train_ds), bool)))
     root = workdir / f"seed{seed}"
     sgd_points, sam_points = study.switch_points()
-    gcd = lambda v: math.gcd(*v) if v else None
 
     records: dict[str, dict] = {}
     for name, direction, k in _runs_of_seed(study):
@@ -284,10 +283,10 @@ def run_seed(study: StudyConfig, seed: int, workdir: Path,
         prefix = 0.0
         if name == "sgd":
             config = late_sam.make_train_config(study, run_dir, f"sgd:{T}", seed,
-                                                keep_every=gcd(sgd_points))
+                                                keep_epochs=sgd_points)
         elif name == "sam":
             config = late_sam.make_train_config(study, run_dir, f"sam:{T}", seed,
-                                                keep_every=gcd(sam_points))
+                                                keep_epochs=sam_points)
         elif direction == "sgd_to_sam":
             t = T - k
             config = late_sam.make_train_config(study, run_dir, f"sgd:{t},sam:{k}", seed,

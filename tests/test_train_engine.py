@@ -283,3 +283,17 @@ def test_auto_mode_uses_the_optim_hint_when_it_exists(tmp_path, monkeypatch):
     run(_config(tmp_path / "hinted", phases="sgd:1,sam:1:0.05"), cache=cache)
     assert len(entered) == 1  # the SAM step, traced once; SGD needs no hint
     assert cache.train_step_compilations == 2
+
+
+def test_keep_epochs_saves_and_keeps_exactly_those_epochs(tmp_path):
+    """The switch points other runs branch from are saved and kept even with
+    keep_last=1 and no checkpoint cadence; nothing else but the boundaries/last."""
+    from sam_jax.train import checkpoint_epochs
+
+    config = _config(tmp_path / "run", phases="sgd:6", keep_last=1, checkpoint_every=6,
+                     keep_epochs=[4, 2])  # a JSON list is accepted and sorted
+    assert config.keep_epochs == (2, 4)
+    run(config)
+    assert checkpoint_epochs(str(tmp_path / "run")) == [2, 4, 6]
+    with pytest.raises(ValueError, match="keep_epochs"):
+        _config(tmp_path / "bad", keep_epochs=(0,)).validate()

@@ -60,6 +60,7 @@ _HELP = {
     "resume": "resume from the latest checkpoint in workdir",
     "keep_last": "keep the last N checkpoints (none: all); phase boundaries are always kept",
     "keep_every": "also keep every N-th epoch",
+    "keep_epochs": "also save and keep these epochs, comma-separated (e.g. 30,48,54)",
     "checkpoint_every": "save every N epochs (phase boundaries and the last epoch always)",
     "lambda_max_every": "log lambda_max (Lanczos) every k epochs (0: never)",
     "lambda_max_examples": "train examples (un-augmented) for lambda_max",
@@ -113,6 +114,13 @@ def _default_text(default) -> str:
     return str(default)
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -147,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["help"] = f"{text} (default: {on})".replace("%", "%%")
         elif "dict" in hint:
             kwargs["type"] = _json_dict
+        elif "tuple" in hint:
+            kwargs["type"] = _int_tuple
         elif "int" in hint:
             kwargs["type"] = _optional(int) if "None" in hint else int
         elif "float" in hint:

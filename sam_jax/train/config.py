@@ -185,6 +185,9 @@ class TrainConfig:
       keep_last: keep the last N checkpoints (None: all).
       keep_every: also keep every N-th epoch (None: none). Phase boundaries are
         always kept so other runs can branch from them.
+      keep_epochs: also save and keep the checkpoints after exactly these epochs
+        (e.g. the switch points other runs branch from), whatever ``keep_last``,
+        ``keep_every`` and ``checkpoint_every`` say.
       checkpoint_every: save every N epochs (boundaries and the last epoch always).
       lambda_max_every: log λ_max by Lanczos every k epochs (0: never).
       lambda_max_chunk: examples per Hessian-vector-product chunk of the λ_max
@@ -209,8 +212,8 @@ class TrainConfig:
 
     Run identity: a resume refuses a change of any field but the logistics ones
     (`LOGISTICS_FIELDS`: workdir, resume, progress, eval_every, checkpoint_every,
-    keep_last, keep_every, lambda_max_every, eval_batch_size, host_step_kinds and
-    its alias); the
+    keep_last, keep_every, keep_epochs, lambda_max_every, eval_batch_size,
+    host_step_kinds and its alias); the
     others are `RUN_IDENTITY_FIELDS` (`identity_differences`).
 
     Engine options: an algorithm that declares ``engine_options`` (e.g. the run's
@@ -249,6 +252,7 @@ class TrainConfig:
     resume: bool = True
     keep_last: int | None = 2
     keep_every: int | None = None
+    keep_epochs: tuple[int, ...] = ()
     checkpoint_every: int = 1
     lambda_max_every: int = 0
     lambda_max_examples: int = 1000
@@ -261,6 +265,11 @@ class TrainConfig:
     eigen_refresh_on_host: bool | None = None  # deprecated alias of host_step_kinds
 
     def __post_init__(self):
+        try:  # a JSON list (config.json) or any iterable of epochs: a sorted tuple
+            epochs = tuple(sorted({int(e) for e in self.keep_epochs}))
+        except (TypeError, ValueError):
+            raise ValueError(f"keep_epochs must be epoch numbers, got {self.keep_epochs!r}") from None
+        object.__setattr__(self, "keep_epochs", epochs)
         alias = self.eigen_refresh_on_host
         if alias is not None:
             warnings.warn("TrainConfig.eigen_refresh_on_host is deprecated; use "
@@ -346,6 +355,8 @@ class TrainConfig:
         for name, value in positive.items():
             if int(value) != value or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if any(e <= 0 for e in self.keep_epochs):
+            raise ValueError(f"keep_epochs must be positive epoch counts, got {self.keep_epochs}")
         for name in ("steps_per_epoch", "num_devices", "keep_last", "keep_every"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value <= 0):
@@ -399,6 +410,7 @@ LOGISTICS_FIELDS: dict[str, str] = {
     "checkpoint_every": "checkpoint cadence; a resume is bit for bit from any checkpoint",
     "keep_last": "checkpoint retention",
     "keep_every": "checkpoint retention",
+    "keep_epochs": "checkpoint retention",
     "lambda_max_every": "lambda_max logging cadence (its protocol fields are identity)",
     "eval_batch_size": "test-evaluation batch size: every test example is evaluated "
                        "either way (the last batch masked), so it changes the logged test "

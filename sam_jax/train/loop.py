@@ -425,9 +425,11 @@ def measure(setup: RunSetup, state: TrainState, epoch: int) -> dict:
 
 def checkpoint_due(setup: RunSetup, epoch: int) -> bool:
     """Whether the state after ``epoch`` is saved: the last epoch, phase boundaries
-    (other runs branch from them) and every ``checkpoint_every`` epochs."""
+    and ``keep_epochs`` (other runs branch from them) and every ``checkpoint_every``
+    epochs."""
     done = epoch + 1
     return (done == setup.total_epochs or done in setup.config.phase_boundaries()
+            or done in setup.config.keep_epochs
             or done % setup.config.checkpoint_every == 0)
 
 
@@ -467,7 +469,9 @@ def run(config: TrainConfig, cache: Optional[CompileCache] = None) -> RunResult:
     workdir = setup.workdir
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
-                        keep_every=config.keep_every, keep_epochs=config.phase_boundaries())
+                        keep_every=config.keep_every,
+                        keep_epochs=tuple(sorted(set(config.phase_boundaries())
+                                                 | set(config.keep_epochs))))
     try:
         start = start_point(setup, ckpt)
     except BaseException:
