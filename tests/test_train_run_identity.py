@@ -168,8 +168,8 @@ def test_identity_and_logistics_partition_the_fields():
     # field is identity unless added here on purpose
     assert set(LOGISTICS_FIELDS) == {
         "workdir", "resume", "progress", "eval_every", "checkpoint_every", "keep_last",
-        "keep_every", "lambda_max_every", "eval_batch_size", "host_step_kinds",
-        "eigen_refresh_on_host"}
+        "keep_every", "keep_epochs", "lambda_max_every", "eval_batch_size",
+        "host_step_kinds", "eigen_refresh_on_host"}
     assert loop._RESUME_MUST_MATCH == RUN_IDENTITY_FIELDS
 
 
