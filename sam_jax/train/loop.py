@@ -44,7 +44,7 @@ from sam_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_d
 from sam_jax.train.config import (LOGISTICS_FIELDS, RUN_IDENTITY_FIELDS, Phase, RunIdentity,
                                   TrainConfig, identity_differences)
 from sam_jax.train.config import _DEPRECATED_HOST_ALIAS as _HOST_ALIAS
-from sam_jax.train.logging import MetricsLog, Progress, write_config
+from sam_jax.train.logging import Progress
 from sam_jax.train.phases import CompileCache, PhaseOptimizer, optimizer_spec
 from sam_jax.train.schedules import make_schedule
 from sam_jax.train.step import TrainState, make_eval_step
