@@ -1,12 +1,13 @@
 """sam_jax's jitted SAM / SGD steps and HVP against PyTorch eager, on one CPU.
 
 Run:  python -m benchmarks.vs_pytorch                 (both thread counts, 1 and 2;
-                                                       about 10-15 min on the shared
-                                                       2-core machine, most of it the
+                                                       4-8 min on an idle 2-core
+                                                       machine, most of it the
                                                        ResNet-18)
       python -m benchmarks.vs_pytorch --threads 2 --models cnn1d
       python -m benchmarks.vs_pytorch --investigate     (the ResNet-18 gap: XLA CPU
-                                                       flags, bfloat16, layouts)
+                                                       flags, bfloat16, layouts,
+                                                       several CPU devices)
       python -m benchmarks.vs_pytorch --tiny            (smoke test, seconds; the
                                                        numbers are not results)
 
@@ -46,14 +47,14 @@ ratio PyTorch median / JAX median (> 1: sam_jax is faster) and the 1-minute load
 average (``/proc/loadavg``) before and after. On a shared machine these numbers are
 noisy; the ratios, taken from interleaved samples, are the robust part.
 
-Result here (docs/benchmarks.md has the tables; late rerun on a nearly idle 2-core
-machine, ``--samples 11 --max-case-seconds 30``, 284 s): SAM step on ``cnn1d``
-sam_jax 1.30 ms vs PyTorch 4.72 ms at 2 threads (3.6x faster); ``mlp`` 1.2-1.4x
-faster; ResNet-18 (width 16) 1.12x faster at 1 thread but 1.6x slower at 2 threads
-(688 vs 426 ms): XLA:CPU's ResNet step does not speed up with the second thread,
-PyTorch's does. HVP 1.5-6.6x faster everywhere. Under heavy load (load 10-25)
-PyTorch with 2 threads collapses by 10-70x. No XLA flag tried closes the 2-thread
-gap (``--investigate``).
+Result here (docs/benchmarks.md has the tables; an otherwise idle 2-core machine,
+``--samples 11 --max-case-seconds 30``, 217 s): SAM step on ``cnn1d`` sam_jax 0.83 ms
+vs PyTorch 3.88 ms at 2 threads (4.7x faster); ``mlp`` even (1.19x at 1 thread, 0.92x
+at 2); ResNet-18 (width 16) PyTorch 1.17x faster at 1 thread and 1.9x at 2 threads
+(706 vs 369 ms): XLA:CPU's ResNet step does not speed up with the second thread,
+PyTorch's does. HVP faster or even everywhere. Under heavy load PyTorch with 2
+threads collapses by 10-70x. ``--investigate``: splitting the batch over 2-4 CPU
+devices narrows the 2-thread ResNet gap to 1.2-1.4x; no XLA flag tried helps.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ INVESTIGATIONS = [
     ("--xla_cpu_use_xnnpack=true", "--xla_cpu_use_xnnpack=true", {}),
     ("bfloat16 params + inputs (both frameworks)", "", {"dtype": "bfloat16"}),
     ("PyTorch channels_last (NHWC) memory format", "", {"channels_last": True}),
+    # YNNPACK's convolution kernels (jaxlib's experimental library rewriter).
+    ("YNNPACK convolutions", "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}),
+    ("YNNPACK convolutions and dots",
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot", {}),
+    # Data parallelism inside one process: the batch split over 2 CPU devices (each
+    # runs its half of every convolution on its own thread), BN statistics and
+    # gradients all-reduced: the same step as one device (synced perturbation).
+    ("2 CPU devices, batch split in halves", "", {"devices": 2}),
+    ("2 CPU devices, single-threaded Eigen per device", "--xla_cpu_multi_thread_eigen=false",
+     {"devices": 2}),
+    ("4 CPU devices, batch split in quarters", "", {"devices": 4}),
+    ("8 CPU devices, batch split in eighths", "", {"devices": 8}),
 ]
 
 
@@ -260,11 +273,25 @@ def torch_input(name: str, x):
 # ---------------------------------------------------------------------- JAX side
 
 
-def jax_steps(module, dtype: str = "float32", precision: str | None = None):
+def batch_sharding(devices: int):
+    """The batch split on its first axis over the first ``devices`` CPU devices."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def jax_steps(module, dtype: str = "float32", precision: str | None = None,
+              devices: int = 1):
     """Jitted (SAM step, SGD step, HVP) for a Flax module.
 
     Steps: ``(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state,
     loss)`` with the first three donated. HVP: ``(params, batch_stats, x, y, v) -> Hv``.
+    ``devices > 1``: the batch is split over that many devices and the rest
+    replicated (XLA all-reduces the gradients and BN statistics, so the step is the
+    one-device step).
     """
     import jax
     import jax.numpy as jnp
@@ -300,6 +327,11 @@ def jax_steps(module, dtype: str = "float32", precision: str | None = None):
                 with jax.default_matmul_precision(precision):
                     return inner(*args)
 
+        if devices > 1:
+            data, repl = batch_sharding(devices)
+            return tx, jax.jit(step, donate_argnums=(0, 1, 2),
+                               in_shardings=(repl, repl, repl, data, data),
+                               out_shardings=repl)
         return tx, jax.jit(step, donate_argnums=(0, 1, 2))
 
     base = lambda: optax.sgd(LR, momentum=MOMENTUM)  # noqa: E731
@@ -449,7 +481,8 @@ def _summary(samples):
 def bench_model(name: str, samples: int, tiny: bool, resnet_width: int, steps=STEPS,
                 dtype: str = "float32", precision: str | None = None,
                 channels_last: bool = False, min_sample_s: float = 0.02,
-                max_case_s: float = float("inf"), min_samples: int = 5) -> dict:
+                max_case_s: float = float("inf"), min_samples: int = 5,
+                devices: int = 1) -> dict:
     """Interleaved timings of JAX and PyTorch for one model (in this process)."""
     import jax
     import jax.numpy as jnp
@@ -475,7 +508,12 @@ def bench_model(name: str, samples: int, tiny: bool, resnet_width: int, steps=ST
     if channels_last:
         tmodel = tmodel.to(memory_format=torch.channels_last)
         tx_t = tx_t.contiguous(memory_format=torch.channels_last)
-    (sam_tx, sam_jit), (sgd_tx, sgd_jit), hvp_jit = jax_steps(module, dtype, precision)
+    (sam_tx, sam_jit), (sgd_tx, sgd_jit), hvp_jit = jax_steps(module, dtype, precision, devices)
+    place = lambda tree: tree  # noqa: E731
+    if devices > 1:  # the batch split over the devices, everything else replicated
+        data, repl = batch_sharding(devices)
+        x, y = jax.device_put((x, y), data)
+        place = lambda tree: jax.device_put(tree, repl)  # noqa: E731
     t_sam, t_sgd, t_hvp = torch_steps(tmodel, tx_t, ty_t)
 
     cases = {}
@@ -483,8 +521,8 @@ def bench_model(name: str, samples: int, tiny: bool, resnet_width: int, steps=ST
     for step in steps:
         if step in ("SAM", "SGD"):
             tx, fn = (sam_tx, sam_jit) if step == "SAM" else (sgd_tx, sgd_jit)
-            state = {"args": (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, stats),
-                              tx.init(params))}
+            state = {"args": place((jax.tree.map(jnp.copy, params),
+                                    jax.tree.map(jnp.copy, stats), tx.init(params)))}
             start = time.perf_counter()
             compiled = fn.lower(*state["args"], x, y).compile()
             compile_s[step] = time.perf_counter() - start
@@ -560,6 +598,9 @@ def worker(args) -> dict:
     import jax
     import torch
 
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -572,7 +613,7 @@ def worker(args) -> dict:
         info["models"].append(bench_model(
             name, args.samples, args.tiny, args.resnet_width, steps=args.steps,
             dtype=args.dtype, precision=args.precision, channels_last=args.channels_last,
-            max_case_s=args.max_case_seconds))
+            max_case_s=args.max_case_seconds, devices=args.devices))
     return info
 
 
@@ -659,6 +700,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny:
         args.samples = min(args.samples, 2)
@@ -697,6 +739,8 @@ def main(argv=None):
                 argv_w += ["--dtype", options["dtype"]]
             if options.get("channels_last"):
                 argv_w.append("--channels-last")
+            if options.get("devices", 1) > 1:
+                argv_w += ["--devices", str(options["devices"])]
             try:
                 run = _spawn(argv_w)
             except RuntimeError as error:
