@@ -84,6 +84,7 @@ class Dataset:
         shuffle: bool = True,
         drop_remainder: bool = True,
         pad_remainder: bool = False,
+        rows: slice | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
         """Yield one epoch of batches ``{"x": float32, "y": int32}``.
 
@@ -101,9 +102,21 @@ class Dataset:
           pad_remainder: with ``drop_remainder=False``, pad the last batch to
             ``batch_size`` with zero examples (fixed shapes under jit) and add a
             ``"mask"`` (float32, 1 = real) to every batch.
+          rows: only these rows (``slice(start, stop)``, ``0 <= start < stop <=
+            batch_size``) of every batch: each yielded batch is exactly
+            ``batch[rows]`` of the batch the call without ``rows`` yields, bit for
+            bit, augmentation included, but only these rows are gathered,
+            augmented and converted. A process of a multi-host job passes the rows
+            its devices hold (``sam_jax.train.distributed.local_rows``). With
+            ``pad_remainder`` every batch has ``stop - start`` rows (the padded
+            ones zero, with mask 0); without it, the last incomplete batch may
+            hold fewer rows, or none.
 
         Yields:
           dicts with numpy arrays.
+
+        Raises:
+          ValueError: a bad ``batch_size`` or ``rows``, or no batch at all.
         """
         _check_batch_size(batch_size)
         if drop_remainder and batch_size > self.num_examples:
@@ -111,6 +124,7 @@ class Dataset:
                 f"batch_size {batch_size} exceeds the {self.num_examples} examples of "
                 f"{self.name}/{self.split} with drop_remainder=True: no batch would be produced"
             )
+        rows = _check_rows(rows, batch_size)
         augmentation = self._resolve_augmentation(augment)
         order_seed, augment_seed = np.random.SeedSequence([seed, epoch]).spawn(2)
         order = np.arange(self.num_examples)
@@ -118,11 +132,17 @@ class Dataset:
             order = np.random.default_rng(order_seed).permutation(self.num_examples)
         augment_rng = np.random.default_rng(augment_seed)
         with_mask = pad_remainder and not drop_remainder
+        start, stop = (0, batch_size) if rows is None else (rows.start, rows.stop)
         for step in range(self.steps_per_epoch(batch_size, drop_remainder)):
             index = order[step * batch_size : (step + 1) * batch_size]
-            batch = {"x": self._process(self.x[index], augmentation, augment_rng), "y": self.y[index]}
+            # The selected rows that hold real examples (fewer in a last, short
+            # batch); the augmentation still draws for all len(index) of them.
+            real = slice(min(start, len(index)), min(stop, len(index)))
+            picked = index[real]
+            x = self._process(self.x[picked], augmentation, augment_rng, rows=real, total=len(index))
+            batch = {"x": x, "y": self.y[picked]}
             if with_mask:
-                batch = _pad_batch(batch, batch_size)
+                batch = _pad_batch(batch, stop - start)
             yield batch
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -200,12 +220,13 @@ class Dataset:
             raise ValueError(f"image augmentation needs NHWC inputs, got shape {self.x.shape}")
         return chosen
 
-    def _process(self, x, augmentation, rng) -> np.ndarray:
+    def _process(self, x, augmentation, rng, rows=None, total=None) -> np.ndarray:
+        """Augment and convert ``x``: rows ``rows`` of a batch of ``total`` when given."""
         if augmentation is not None:
-            x = augmentation.geometric(x, rng)
+            x = augmentation.geometric(x, rng, rows=rows, total=total)
         x = aug.to_float_normalized(x, self.normalization)
         if augmentation is not None:
-            x = augmentation.erase(x, rng)
+            x = augmentation.erase(x, rng, rows=rows, total=total)
         return x
 
 
@@ -234,6 +255,24 @@ def validation_indices(num_examples: int, fraction: float, seed: int = 0) -> tup
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _check_rows(rows, batch_size: int) -> slice | None:
+    """``rows`` as ``slice(start, stop)`` with ``0 <= start < stop <= batch_size``."""
+    if rows is None:
+        return None
+    if not isinstance(rows, slice):
+        raise ValueError(f"rows must be a slice of the batch, got {rows!r}")
+    if rows.step not in (None, 1):
+        raise ValueError(f"rows must be contiguous (step 1), got {rows}")
+    start = 0 if rows.start is None else rows.start
+    stop = batch_size if rows.stop is None else rows.stop
+    if not all(isinstance(v, (int, np.integer)) for v in (start, stop)):
+        raise ValueError(f"rows must have int bounds, got {rows}")
+    if not 0 <= start < stop <= batch_size:
+        raise ValueError(f"rows {rows} must satisfy 0 <= start < stop <= batch_size "
+                         f"= {batch_size}")
+    return slice(int(start), int(stop))
 
 
 def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
