@@ -5,7 +5,9 @@ Run:  python -m benchmarks.step_cost            (about 2-4 minutes on 2 CPU core
                                                  step of the CNN, see below)
       python -m benchmarks.step_cost --quick    (fewer repeats, for a smoke check)
       python -m benchmarks.step_cost --tiny     (tiny models, 2 repeats: smoke test)
-      python -m benchmarks.step_cost --memory-only   (compile only: the memory tables)
+      python -m benchmarks.step_cost --memory-only   (compile only: the memory tables,
+                                                 at each model's batch size and twice it)
+      python -m benchmarks.step_cost --memory-only --batch-sizes 16,64,256
 
 For an MLP and a small CNN it times a full jitted step (gradient, transform, base
 SGD with momentum, apply) of SGD, SAM, USAM, ASAM, Eigen-SAM (released defaults:
@@ -21,9 +23,13 @@ and the minimum beside it (the better estimate of the intrinsic cost on a machin
 shared with other jobs). Memory is the compiled
 step's ``memory_analysis()``: temp + argument + output bytes in the timing table,
 and a second table per model with temp, argument, output, alias and peak bytes and
-each method's peak (and temp) in excess of SGD's in units of the parameter size
-(target: SAM at most one extra copy of the parameters). Nothing is donated, so
-argument and output each hold parameters and optimizer state once.
+each method's peak (and temp) in excess of SGD's, in MiB and in units of the
+parameter size (target: SAM at most one extra copy of the parameters). Nothing is
+donated, so argument and output each hold parameters and optimizer state once.
+``--memory-only`` compiles each model at two batch sizes (or ``--batch-sizes``) and
+ends with the excess at each: an excess that grows with the batch is activation-sized
+buffers live across the two gradient passes, one that stays put scales with the
+parameters.
 
 Targets (issue 2): SAM <= 2.05x SGD, ours <= 1.0x optax.contrib.sam,
 Eigen-SAM <= 1.15x SAM.
@@ -70,16 +76,23 @@ class BenchCNN(nn.Module):
         return nn.Dense(10)(x)
 
 
-def problems(tiny: bool = False):
-    """(name, model, input shape) of the benchmarked models (``tiny``: smoke-test sizes)."""
+def problems(tiny: bool = False, batch_size: int | None = None):
+    """(name, model, input shape) of the benchmarked models (``tiny``: smoke-test
+    sizes; ``batch_size``: instead of each model's own)."""
     if tiny:
-        return [("MLP 12-8-8-10, batch 4 (tiny)", BenchMLP(width=8), (4, 12)),
-                ("CNN 3 conv (2-4-4), 8x8x3, batch 2 (tiny)", BenchCNN(channels=2), (2, 8, 8, 3))]
-    return [
-        # batch 256: the released Eigen-SAM README's batch size
-        ("MLP 784-512-512-10, batch 256", BenchMLP(), (256, 784)),
-        ("CNN 3 conv (32-64-64), 32x32x3, batch 64", BenchCNN(), (64, 32, 32, 3)),
-    ]
+        models = [("MLP 12-8-8-10", BenchMLP(width=8), (4, 12)),
+                  ("CNN 3 conv (2-4-4), 8x8x3", BenchCNN(channels=2), (2, 8, 8, 3))]
+    else:
+        models = [
+            # batch 256: the released Eigen-SAM README's batch size
+            ("MLP 784-512-512-10", BenchMLP(), (256, 784)),
+            ("CNN 3 conv (32-64-64), 32x32x3", BenchCNN(), (64, 32, 32, 3)),
+        ]
+    out = []
+    for name, model, shape in models:
+        shape = (batch_size or shape[0], *shape[1:])
+        out.append((f"{name}, batch {shape[0]}{' (tiny)' if tiny else ''}", model, shape))
+    return out
 
 
 def transforms() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -266,13 +279,22 @@ def format_table(title, medians, minima, memory) -> str:
 MEMORY_ORDER = ["SGD", "SAM", "USAM", "ASAM", EIGEN, EIGEN_STATIC, "optax.contrib.sam"]
 
 
+def excess(stats, sgd, param_bytes, field="peak") -> str:
+    """``stats[field] - sgd[field]`` as "+MiB (+× params)"."""
+    if not stats or not sgd:
+        return "n/a"
+    extra = stats[field] - sgd[field]
+    return f"{extra / 2**20:+.3f} ({extra / param_bytes:+.2f})"
+
+
 def format_memory_table(title, breakdown, param_bytes) -> str:
-    """Compiled memory of each method's step, and its excess over SGD's in units of
-    the parameter size (target for SAM: at most 1 extra copy of the parameters)."""
+    """Compiled memory of each method's step, and its excess over SGD's in MiB and in
+    units of the parameter size (target for SAM: at most 1 extra copy of the
+    parameters)."""
     sgd = breakdown.get("SGD")
     lines = [f"#### {title}: compiled memory (parameters {param_bytes / 2**20:.3f} MiB)", "",
              "| method | temp MiB | argument MiB | output MiB | alias MiB | arg+out+temp−alias MiB "
-             "| − SGD (× params) | temp − SGD (× params) |",
+             "| − SGD MiB (× params) | temp − SGD MiB (× params) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in MEMORY_ORDER:
         if name not in breakdown:
@@ -282,9 +304,26 @@ def format_memory_table(title, breakdown, param_bytes) -> str:
             lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
         cells = " | ".join(f"{m[f] / 2**20:.3f}" for f in (*MEMORY_FIELDS, "peak"))
-        extra = (f"{(m['peak'] - sgd['peak']) / param_bytes:+.2f} | "
-                 f"{(m['temp'] - sgd['temp']) / param_bytes:+.2f}") if sgd else "n/a | n/a"
-        lines.append(f"| {name} | {cells} | {extra} |")
+        lines.append(f"| {name} | {cells} | {excess(m, sgd, param_bytes)} | "
+                     f"{excess(m, sgd, param_bytes, 'temp')} |")
+    return "\n".join(lines)
+
+
+def format_batch_table(title, by_batch, param_bytes) -> str:
+    """Each method's peak in excess of SGD's at each batch size (``by_batch``: batch
+    size -> ``memory_problem`` breakdown): an excess that grows with the batch is
+    activation-sized, one that does not scales with the parameters."""
+    sizes = sorted(by_batch)
+    lines = [f"#### {title}: peak − SGD's, MiB (× params {param_bytes / 2**20:.3f} MiB), "
+             "by batch size", "",
+             "| method | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for name in MEMORY_ORDER:
+        if name == "SGD" or not all(name in by_batch[b] for b in sizes):
+            continue
+        cells = " | ".join(excess(by_batch[b][name], by_batch[b].get("SGD"), param_bytes)
+                           for b in sizes)
+        lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
 
 
@@ -295,6 +334,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="5 repeats of 1 call")
     parser.add_argument("--memory-only", action="store_true",
                         help="compile only and print the memory tables (no timing)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="with --memory-only: comma-separated batch sizes to compile each "
+                             "model at (default: the model's own batch size and twice it)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny models, 2 repeats: smoke test, the numbers are not results")
     args = parser.parse_args(argv)
@@ -304,10 +346,17 @@ def main(argv=None):
         args.repeats, args.calls_per_sample = 2, 1
         print("tiny: smoke test, tiny models and 2 repeats; the numbers are not results")
     if args.memory_only:
-        for title, model, shape in problems(args.tiny):
-            breakdown, param_bytes = memory_problem(model, shape)
-            print(format_memory_table(title + " (Eigen-SAM: its refresh step, caller flag)",
-                                      breakdown, param_bytes), "\n", flush=True)
+        for index, (_, _, shape) in enumerate(problems(args.tiny)):
+            sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+                     else [shape[0], 2 * shape[0]])
+            by_batch = {}
+            for batch_size in dict.fromkeys(sizes):
+                title, model, shape = problems(args.tiny, batch_size)[index]
+                by_batch[batch_size], param_bytes = memory_problem(model, shape)
+                print(format_memory_table(title + " (Eigen-SAM: its refresh step, caller flag)",
+                                          by_batch[batch_size], param_bytes), "\n", flush=True)
+            name = title.rsplit(", batch", 1)[0]
+            print(format_batch_table(name, by_batch, param_bytes), "\n", flush=True)
         return
 
     print(f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
@@ -320,8 +369,8 @@ def main(argv=None):
         print(format_table(title, medians, minima, memory), "\n", flush=True)
         print(format_memory_table(title, breakdown, param_bytes), "\n", flush=True)
         if breakdown.get("SAM") and breakdown.get("SGD"):
-            extra = (breakdown["SAM"]["peak"] - breakdown["SGD"]["peak"]) / param_bytes
-            memory_verdicts.append((title, extra))
+            extra = breakdown["SAM"]["peak"] - breakdown["SGD"]["peak"]
+            memory_verdicts.append((title, extra / param_bytes, extra / 2**20))
         for label, num, den, target in [
             ("SAM / SGD", "SAM", "SGD", 2.05),
             ("SAM / optax.contrib.sam", "SAM", "optax.contrib.sam", 1.0),
@@ -335,8 +384,9 @@ def main(argv=None):
         verdict = "OK" if by_median <= target else ("OK by min" if by_min <= target else "MISSED")
         print(f"  {label} = {by_median:.3f}, {by_min:.3f} (target <= {target}) {verdict}")
     print("Memory target: SAM (arg+out+temp-alias) - SGD's <= 1 copy of the parameters:")
-    for title, extra in memory_verdicts:
-        print(f"  {title}: {extra:+.2f} x params {'OK' if extra <= 1.0 else 'MISSED'}")
+    for title, extra, mib in memory_verdicts:
+        print(f"  {title}: {extra:+.2f} x params ({mib:+.3f} MiB) "
+              f"{'OK' if extra <= 1.0 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ def test_sam_memory_within_one_parameter_copy_of_sgd():
     assert (stats["SAM"]["peak"] - stats["SGD"]["peak"]) / param_bytes <= 1.0
 
 
+def test_batch_table_shows_excess_in_mib_and_parameter_copies():
+    """The by-batch table: each method's peak minus SGD's at each batch size, in MiB
+    and in parameter copies (hand-made stats: 1 MiB of parameters)."""
+    def stats(peak_mib):
+        return {"temp": 0, "argument": 0, "output": 0, "alias": 0, "peak": peak_mib * 2**20}
+
+    by_batch = {128: {"SGD": stats(10), "SAM": stats(12)},
+                64: {"SGD": stats(5), "SAM": stats(6)}}
+    table = step_cost.format_batch_table("CNN", by_batch, param_bytes=2**20)
+    assert "| method | batch 64 | batch 128 |" in table
+    assert "| SAM | +1.000 (+1.00) | +2.000 (+2.00) |" in table
+    assert "| SGD |" not in table
+
+
 @pytest.mark.slow  # compiles every method's step (Eigen-SAM four ways) for two models
 def test_step_cost_tiny_prints_memory_table(capsys):
     step_cost.main(["--tiny"])
