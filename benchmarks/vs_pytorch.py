@@ -79,9 +79,11 @@ INVESTIGATIONS = [
     ("--xla_cpu_use_xnnpack=true", "--xla_cpu_use_xnnpack=true", {}),
     ("bfloat16 params + inputs (both frameworks)", "", {"dtype": "bfloat16"}),
     ("PyTorch channels_last (NHWC) memory format", "", {"channels_last": True}),
-    # YNNPACK's convolution kernels (jaxlib's experimental library rewriter).
-    ("YNNPACK convolutions", "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}),
-    ("YNNPACK convolutions and dots",
+    # Narrower YNNPACK fusion sets (jaxlib 0.10.2's default compiles like
+    # individual_convolution,individual_dot,reduce).
+    ("YNNPACK: convolutions only",
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}),
+    ("YNNPACK: convolutions and dots only",
      "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot", {}),
     # Data parallelism inside one process: the batch split over 2 CPU devices (each
     # runs its half of every convolution on its own thread), BN statistics and
