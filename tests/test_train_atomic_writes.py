@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 
-import jax
-import numpy as np
 import pytest
 
 from sam_jax.train import TrainConfig, read_metrics, run
 from sam_jax.train import logging as tlog
+
+from _helpers import trees_equal
 
 BASE = dict(dataset="mnist1d", model="cnn1d", model_kwargs={"width": 4}, batch_size=32,
             steps_per_epoch=2, eval_batch_size=500, progress=False, lr=0.05,
@@ -29,12 +29,6 @@ def _config(workdir, **changes):
 
 def _no_timing(history):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
-
-
-def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +177,7 @@ def test_resume_after_a_kill_mid_append_rewrites_that_epoch(copy, finished):
     assert _no_timing(resumed.history) == _no_timing(finished.history)
     assert _no_timing(read_metrics(str(copy))) == _no_timing(finished.history)
     assert resumed.history[:2] == finished.history[:2]  # earlier lines untouched
-    assert _equal(resumed.variables, finished.variables)
+    assert trees_equal(resumed.variables, finished.variables)
     # the file is well formed again: every line ends with a newline and parses
     assert _bytes(_metrics_path(copy)).endswith(b"}\n")
 
@@ -265,7 +259,7 @@ def test_a_step_caught_in_the_trash_is_removed_on_the_next_open(copy, finished):
     shutil.rmtree(trash / "1" / "variables")  # and its removal was cut short
     assert checkpoint_epochs(str(copy)) == [2, 3]
     again = run(_config(copy))
-    assert again.resumed_from == 3 and _equal(again.variables, finished.variables)
+    assert again.resumed_from == 3 and trees_equal(again.variables, finished.variables)
     assert os.listdir(trash) == []
 
 
@@ -277,7 +271,7 @@ def test_an_incomplete_newest_step_falls_back_and_is_kept(copy, finished):
                                                       r"_CHECKPOINT_METADATA\).*falling back to epoch 2"):
         result = run(_config(copy))
     assert result.resumed_from == 2
-    assert _equal(result.variables, finished.variables)  # epoch 3 retrained bit for bit
+    assert trees_equal(result.variables, finished.variables)  # epoch 3 retrained bit for bit
     kept = sorted(os.listdir(copy / "checkpoints" / "corrupt" / "3"))  # moved aside, not deleted
     assert kept == ["commit_success.txt", "meta", "opt_state", "variables"]
 

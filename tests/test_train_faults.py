@@ -13,12 +13,12 @@
 * The command line: one ``error:`` line with a ``--help`` pointer, no doubled
   defaults, the optimizer list under ``--phases``, ``--data-dir``.
 
-Tiny runs (MNIST-1D, MLP of width 8, 2 steps per epoch, ``sgd:2,sam:1``, every
-checkpoint kept) share one finished run; each test works on its own copy. Slow
-tests run the CLI in a subprocess: a real full disk and a real read-only mount
-(a tmpfs / bind mount in an unprivileged user namespace, skipped where
-``unshare`` is unavailable), the exit path with a corrupt only checkpoint, and the
-kill soak with 2 kills.
+Tiny runs (``_helpers.TINY_MLP``: MNIST-1D, MLP of width 8, 2 steps per epoch,
+``sgd:2,sam:1``, every checkpoint kept) share one finished run (the session fixture
+``finished_tiny_mlp``); each test works on its own copy. Slow tests run the CLI in a
+subprocess: a real full disk and a real read-only mount (a tmpfs / bind mount in an
+unprivileged user namespace, skipped where ``unshare`` is unavailable), the exit path
+with a corrupt only checkpoint, and the kill soak with 2 kills.
 """
 import errno
 import glob
@@ -46,23 +46,12 @@ from sam_jax.train.checkpoint import (CHECKSUM_KEY, CORRUPT_SUBDIR, Checkpointer
                                       checkpoint_dir)
 from sam_jax.train.workdir import WorkdirError, check_usable
 
+from _helpers import tiny_mlp_config, tree_sha, trees_equal
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = dict(dataset="mnist1d", model="mlp", model_kwargs={"width": 8, "depth": 1},
-            phases="sgd:2,sam:1", batch_size=32, steps_per_epoch=2, eval_batch_size=500,
-            lr=0.05, keep_last=None, progress=False)
 CLI_ARGS = ["--dataset", "mnist1d", "--model", "mlp", "--model-kwargs",
             '{"width": 8, "depth": 1}', "--phases", "sgd:2,sam:1", "--batch-size", "32",
             "--steps-per-epoch", "2", "--lr", "0.05", "--keep-last", "none", "--no-progress"]
-
-
-def _config(workdir, **changes):
-    return TrainConfig(workdir=str(workdir), **{**BASE, **changes})
-
-
-def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
 
 
 def _flip(path, offset=None):
@@ -82,21 +71,10 @@ def _flip_arrays(step_dir, item="opt_state"):
     return files
 
 
-def _tree_sha(root) -> dict:
-    out = {}
-    for base, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(base, name)
-            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    result = run(_config(root / "finished"))
-    assert checkpoint_epochs(result.workdir) == [1, 2, 3]
-    return result
+def finished(finished_tiny_mlp):
+    """The shared finished run (``conftest.py``): read only, tests change a copy."""
+    return finished_tiny_mlp
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +121,7 @@ def test_silently_wrong_arrays_are_caught_by_the_digests(copy, at_epoch_2):
             variables=ocp.args.StandardRestore()))["variables"]
     finally:
         manager.close()
-    assert _equal(raw, at_epoch_2)  # orbax: no error, other numbers
+    assert trees_equal(raw, at_epoch_2)  # orbax: no error, other numbers
     with pytest.raises(CheckpointError, match=r"epoch 3 .* corrupt: variables/params/Dense_0/"
                                               r"bias: its bytes differ from the SHA-256"):
         load_variables(str(copy), 3)
@@ -155,20 +133,20 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_is_kept(copy, finished):
     from epoch 2 and ends bit for bit where the uninterrupted run did; the corrupt
     step survives the retention of the resumed run (keep_last=1)."""
     _flip_arrays(copy / "checkpoints" / "3")
-    flipped = _tree_sha(copy / "checkpoints" / "3")
+    flipped = tree_sha(copy / "checkpoints" / "3")
     with pytest.warns(CorruptCheckpointWarning,
                       match=r"checkpoint at epoch 3 .* is corrupt and is skipped: .+; moved to "
                             r".*corrupt/3 .*never deleted.*falling back to epoch 2"):
-        again = run(_config(copy, keep_last=1))
+        again = run(tiny_mlp_config(copy, keep_last=1))
     assert again.resumed_from == 2
-    assert _equal(again.variables, finished.variables)
-    assert _tree_sha(copy / "checkpoints" / CORRUPT_SUBDIR / "3") == flipped
+    assert trees_equal(again.variables, finished.variables)
+    assert tree_sha(copy / "checkpoints" / CORRUPT_SUBDIR / "3") == flipped
     assert checkpoint_epochs(str(copy)) == [2, 3]  # keep_last=1 + phase boundaries 2, 3
     # a later resume finds epoch 3 intact and leaves corrupt/ alone
     with warnings.catch_warnings():
         warnings.simplefilter("error", CorruptCheckpointWarning)
-        assert run(_config(copy, keep_last=1)).resumed_from == 3
-    assert _tree_sha(copy / "checkpoints" / CORRUPT_SUBDIR / "3") == flipped
+        assert run(tiny_mlp_config(copy, keep_last=1)).resumed_from == 3
+    assert tree_sha(copy / "checkpoints" / CORRUPT_SUBDIR / "3") == flipped
 
 
 def test_a_second_corruption_of_the_same_epoch_is_kept_too(copy):
@@ -188,7 +166,7 @@ def test_read_only_openers_skip_a_corrupt_newest_without_moving_it(copy, at_epoc
     _flip_arrays(copy / "checkpoints" / "3")
     with pytest.warns(CorruptCheckpointWarning, match=r"epoch 3 .*falling back to epoch 2"):
         variables = load_variables(str(copy))
-    assert _equal(variables, at_epoch_2)
+    assert trees_equal(variables, at_epoch_2)
     assert (copy / "checkpoints" / "3").is_dir()
     assert not (copy / "checkpoints" / CORRUPT_SUBDIR).exists()
 
@@ -200,11 +178,11 @@ def test_every_checkpoint_corrupt_is_refused_and_nothing_deleted(copy):
     with pytest.warns(CorruptCheckpointWarning):
         with pytest.raises(CheckpointError, match=r"every checkpoint .* is corrupt \(epochs "
                                                   r"\[3, 2, 1\]; moved to .*not deleted\)"):
-            run(_config(copy))
+            run(tiny_mlp_config(copy))
     assert sorted(os.listdir(copy / "checkpoints" / CORRUPT_SUBDIR)) == ["1", "2", "3"]
     # rerunning does not train from scratch over the history
     with pytest.raises(CheckpointError, match=r"no intact checkpoint, only corrupt ones"):
-        run(_config(copy))
+        run(tiny_mlp_config(copy))
     assert (copy / "metrics.jsonl").read_bytes() == metrics
 
 
@@ -240,10 +218,10 @@ def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("x")
     with pytest.raises(WorkdirError, match=r"is an existing file, not a directory") as info:
-        run(_config(path))
+        run(tiny_mlp_config(path))
     assert info.value.errno == errno.ENOTDIR
     with pytest.raises(WorkdirError, match=r"lies under .*a_file, which is a file"):
-        run(_config(path / "sub" / "run"))
+        run(tiny_mlp_config(path / "sub" / "run"))
     assert path.read_text() == "x"
 
 
@@ -254,15 +232,15 @@ def test_read_only_workdir_is_one_error_before_any_write(copy, tmp_path, monkeyp
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) in read_only
                         else real_access(p, mode))
-    before = _tree_sha(copy)
+    before = tree_sha(copy)
     with pytest.raises(WorkdirError, match=r"is not writable .*load_variables"):
-        run(_config(copy))  # finished run
+        run(tiny_mlp_config(copy))  # finished run
     (tmp_path / "ro").mkdir()
     with pytest.raises(WorkdirError, match=r"ro is not writable .*choose a writable"):
-        run(_config(tmp_path / "ro"))  # fresh run in an existing read-only dir
+        run(tiny_mlp_config(tmp_path / "ro"))  # fresh run in an existing read-only dir
     with pytest.raises(WorkdirError, match=r"ro/new cannot be created: .*ro is not writable"):
-        run(_config(tmp_path / "ro" / "new"))
-    assert _tree_sha(copy) == before and os.listdir(tmp_path / "ro") == []
+        run(tiny_mlp_config(tmp_path / "ro" / "new"))
+    assert tree_sha(copy) == before and os.listdir(tmp_path / "ro") == []
 
 
 def test_check_usable_accepts_a_new_and_an_existing_workdir(tmp_path):
@@ -288,21 +266,21 @@ def _fail_writes_of_step(monkeypatch, step: int):
 def test_disk_full_while_saving_is_one_error_and_keeps_the_previous(copy, finished,
                                                                     caplog, monkeypatch):
     shutil.rmtree(copy / "checkpoints" / "3")  # killed after epoch 2's checkpoint
-    before = _tree_sha(copy / "checkpoints" / "2")
+    before = tree_sha(copy / "checkpoints" / "2")
     _fail_writes_of_step(monkeypatch, 3)
     with caplog.at_level(logging.ERROR):
         with pytest.raises(CheckpointWriteError,
                            match=r"could not save the checkpoint of epoch 3 in .*: the disk is "
                                  r"full \(\[Errno 28\].*newest intact checkpoint is epoch 2"
                            ) as info:
-            run(_config(copy))
+            run(tiny_mlp_config(copy))
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
     assert not [r for r in caplog.records if "orbax" in r.pathname and r.levelno >= logging.ERROR]
     assert checkpoint_epochs(str(copy)) == [1, 2]
-    assert _tree_sha(copy / "checkpoints" / "2") == before
+    assert tree_sha(copy / "checkpoints" / "2") == before
     monkeypatch.undo()  # space again: the same command resumes and finishes
-    again = run(_config(copy))
-    assert again.resumed_from == 2 and _equal(again.variables, finished.variables)
+    again = run(tiny_mlp_config(copy))
+    assert again.resumed_from == 2 and trees_equal(again.variables, finished.variables)
 
 
 def test_cli_disk_full_prints_one_line(copy, capsys, monkeypatch):
@@ -323,7 +301,7 @@ def test_cli_disk_full_prints_one_line(copy, capsys, monkeypatch):
 ])
 def test_invalid_values_fail_before_touching_the_disk(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
-        run(_config(tmp_path / "run", **changes))
+        run(tiny_mlp_config(tmp_path / "run", **changes))
     assert not (tmp_path / "run").exists()
 
 
@@ -493,7 +471,7 @@ def test_cli_corrupt_newest_is_a_one_line_warning(copy, finished, capsys):
            if "CorruptCheckpointWarning" in line]
     assert len(err) == 1 and err[0].startswith("warning: CorruptCheckpointWarning: CORRUPT "
                                                "CHECKPOINT: the checkpoint at epoch 3")
-    assert _equal(load_variables(str(copy)), finished.variables)
+    assert trees_equal(load_variables(str(copy)), finished.variables)
 
 
 # ----------------------------------------------------------------------- slow

@@ -207,8 +207,29 @@ def test_history_shapes_and_chunking(mixed_grid):
     assert result.history["test_err"].shape == (3, 4)  # step 0 + 3 windows
     assert result.window["batch_loss"].shape == (3, 3)
     np.testing.assert_array_equal(SMALL.eval_steps, [0, 8, 16, 24])
-    # errors are fractions of n_test = 40 examples
-    np.testing.assert_allclose(result.final["test_err"] * 40, np.round(result.final["test_err"] * 40), atol=1e-4)
+
+
+def test_final_metrics_are_those_of_the_final_params(mixed_grid):
+    """``final`` evaluates the returned params: the train error recounted with the Flax
+    PatchCNN on the cell's n real examples (not the padding), the test error a count
+    of mistakes on the n_test = 40 test examples of the projected evaluation."""
+    cells, result = mixed_grid
+
+    @jax.jit
+    def evaluate(cell, filters):  # one cell, no vmap; the padding is cut on the host
+        data = grid.generate_cell(SMALL, cell)
+        params = {"filters": filters}
+        wrong = jnp.argmax(SMALL.model().apply({"params": params}, data["x"]), -1) != data["y"]
+        return wrong, grid.estimate_test_error(SMALL, cell, params, data)[0]
+
+    for i in range(cells.size):
+        cell = unbatched(cells, i)
+        n = int(cell.n)
+        wrong, test_err = evaluate(cell, jnp.asarray(result.params["filters"][i]))
+        assert result.final["train_err"][i] == pytest.approx(np.sum(np.asarray(wrong)[:n]) / n, abs=1e-6)
+        assert round(result.final["test_err"][i] * 40) == round(float(test_err) * 40)
+    counts = result.final["test_err"] * 40
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
 
 
 @pytest.mark.slow

@@ -6,19 +6,18 @@ naming each field with its old and new value, and leaves the workdir untouched
 (config.json, metrics.jsonl and the checkpoints byte for byte). Logistics changes
 resume, and the resumed run ends bit for bit where the uninterrupted one did.
 
-One finished tiny run (MNIST-1D, MLP of width 8, 2 steps per epoch, ``sgd:2,sam:1``,
-every checkpoint kept) is shared by all tests; each test works on its own copy.
+One finished tiny run (``_helpers.TINY_MLP``: MNIST-1D, MLP of width 8, 2 steps per
+epoch, ``sgd:2,sam:1``, every checkpoint kept; the session fixture
+``finished_tiny_mlp``) is shared by all tests; each test works on its own copy.
 A "killed" copy is the finished one without its last checkpoint (epoch 3), i.e. a
 run killed after the checkpoint of epoch 2.
 """
 import dataclasses
-import hashlib
 import os
 import shutil
 import warnings
 
 import jax
-import numpy as np
 import pytest
 
 from sam_jax.train import CheckpointError, TrainConfig, checkpoint_epochs, run
@@ -26,38 +25,13 @@ from sam_jax.train import loop
 from sam_jax.train.config import (LOGISTICS_FIELDS, RUN_IDENTITY_FIELDS,
                                   identity_differences)
 
-BASE = dict(dataset="mnist1d", model="mlp", model_kwargs={"width": 8, "depth": 1},
-            phases="sgd:2,sam:1", batch_size=32, steps_per_epoch=2, eval_batch_size=500,
-            lr=0.05, keep_last=None, progress=False)
-
-
-def _config(workdir, **changes):
-    return TrainConfig(workdir=str(workdir), **{**BASE, **changes})
-
-
-def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
-
-
-def _snapshot(workdir) -> dict:
-    """Relative path -> sha256 of every file under ``workdir``."""
-    out = {}
-    for root, _, files in os.walk(workdir):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+from _helpers import tiny_mlp_config, tree_sha, trees_equal
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity")
-    result = run(_config(root / "finished"))
-    assert checkpoint_epochs(result.workdir) == [1, 2, 3]
-    return result
+def finished(finished_tiny_mlp):
+    """The shared finished run (``conftest.py``): read only, tests change a copy."""
+    return finished_tiny_mlp
 
 
 @pytest.fixture
@@ -80,17 +54,17 @@ def killed_copy(finished, tmp_path):
 def _refused(workdir, changes: dict, expected: list[tuple[str, str, str]]):
     """Runs with ``changes``; checks the refusal names each (field, old, new) and that
     nothing in the workdir changed (config.json byte for byte included)."""
-    before = _snapshot(workdir)
+    before = tree_sha(workdir)
     config_json = (workdir / "config.json").read_bytes()
     with pytest.raises(CheckpointError) as info:
-        run(_config(workdir, **changes))
+        run(tiny_mlp_config(workdir, **changes))
     message = str(info.value)
     for field, old, new in expected:
         assert f"{field} (--{field.replace('_', '-')}): run {old}, now {new}" in message
     assert "different run" in message
     assert "new --workdir" in message and "--init-from" in message
     assert (workdir / "config.json").read_bytes() == config_json
-    assert _snapshot(workdir) == before
+    assert tree_sha(workdir) == before
     return message
 
 
@@ -123,10 +97,10 @@ def test_init_from_on_an_existing_workdir_is_refused(finished, finished_copy, tm
 
 # ------------------------------------------------------- what may change
 def test_logistics_changes_resume_bit_for_bit(finished, killed_copy):
-    result = run(_config(killed_copy, eval_every=2, keep_last=1, progress=True,
+    result = run(tiny_mlp_config(killed_copy, eval_every=2, keep_last=1, progress=True,
                          checkpoint_every=2, host_step_kinds=False))
     assert result.resumed_from == 2
-    assert _equal(result.variables, finished.variables)
+    assert trees_equal(result.variables, finished.variables)
     assert [r["train_loss"] for r in result.history] == \
         [r["train_loss"] for r in finished.history]
     # config.json now records the (same-identity) config that resumed
@@ -137,9 +111,9 @@ def test_logistics_changes_resume_bit_for_bit(finished, killed_copy):
 
 
 def test_same_config_on_a_finished_run_is_complete(finished, finished_copy):
-    result = run(_config(finished_copy))
+    result = run(tiny_mlp_config(finished_copy))
     assert result.resumed_from == 3 and result.final_epoch == 3
-    assert _equal(result.variables, finished.variables)
+    assert trees_equal(result.variables, finished.variables)
     assert len(result.history) == 3
 
 
@@ -147,16 +121,16 @@ def test_a_code_version_change_warns_and_resumes(finished, finished_copy, monkey
     monkeypatch.setattr(loop, "_code_version",
                         lambda: {"sam_jax_version": "9.9.9", "sam_jax_git_commit": "abc"})
     with pytest.warns(loop.CodeVersionWarning) as record:
-        result = run(_config(finished_copy))
+        result = run(tiny_mlp_config(finished_copy))
     message = str(record[0].message)
     assert "sam_jax_version '0.1.0' then, '9.9.9' now" in message
-    assert result.resumed_from == 3 and _equal(result.variables, finished.variables)
+    assert result.resumed_from == 3 and trees_equal(result.variables, finished.variables)
 
 
 def test_no_code_warning_when_the_code_is_the_same(finished_copy):
     with warnings.catch_warnings():
         warnings.simplefilter("error", loop.CodeVersionWarning)
-        run(_config(finished_copy))
+        run(tiny_mlp_config(finished_copy))
 
 
 # ------------------------------------------------------------ the split itself
