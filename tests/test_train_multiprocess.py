@@ -20,8 +20,16 @@ staying 3 orders of magnitude below the difference between per-device and synced
 ε (2.9e-2 here), which the test also checks, so a layout that silently computed
 the other ε, or fed the wrong rows, would fail.
 
+λ_max. Every run also logs λ_max and λ₂ after its last epoch (`tiny_config`:
+Lanczos, 8 steps, 32 examples in two HVP chunks of 16), through the
+data-parallel Hessian operator on the run's mesh, so in the 2-process runs both
+processes compute every Hessian-vector product, each placing only its devices'
+rows of the split chunks. The logged values of the two layouts agree within
+``LAMBDA_RTOL`` (see there), and both processes of a run hold the same values.
+
 Slow: 6 fresh processes compile the steps again (about 40 s of CPU each); 5.5 min
-wall on the shared 2-core machine at load 6-20. CI runs the slow tests too
+wall on the shared 2-core machine at load 6-20. The λ_max measurements (one HVP
+compilation per run) add about 40 s: 135 s instead of 93 s at load 2-4. CI runs the slow tests too
 (``.ci/run``). The fast tests at the end need no subprocess.
 """
 from __future__ import annotations
@@ -42,6 +50,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 TIMEOUT = float(os.environ.get("SAM_JAX_MULTIPROCESS_TIMEOUT", 900))
 ATOL = 1e-5
+# λ_max / λ₂ of the two layouts, relative. Each Hessian-vector product all-reduces
+# the per-device partial products (and the BatchNorm statistics of the chunk)
+# with XLA's in-process all-reduce in one process and gloo's ring order across
+# two (see above), so every product rounds differently, at the parameters already
+# ~1e-7 apart; the 8 Lanczos steps carry that rounding into the Ritz values, a
+# little amplified (measured: 1.2e-6 / 1.7e-6 for λ_max / λ₂ with per-device ε,
+# 7e-8 / 1.2e-7 with synced ε; the 1-device and 4-device operators of one
+# process differ by as much, ~2e-6). 1e-4 leaves room for that and is still far
+# below the λ_max difference between per-device and synced ε (5 % here, checked
+# below), so λ_max computed from other rows, another ε or a partial sum would fail.
+LAMBDA_RTOL = 1e-4
 
 
 def _free_port() -> int:
@@ -195,6 +214,58 @@ def test_resume_across_layouts_finishes_the_run(runs, resumed, reference):
     diff = _max_diff(runs["vars"][resumed], runs["vars"][reference])
     print(f"{resumed} vs uninterrupted {reference}: max |Δ| {diff:.3g}")
     assert diff <= ATOL
+    got, want = _lambdas(runs, resumed), _lambdas(runs, reference)
+    assert np.all(np.abs(got - want) <= LAMBDA_RTOL * np.abs(want))
+
+
+def _lambdas(runs, name: str) -> np.ndarray:
+    """(λ_max, λ₂) that process 0 logged for the last epoch of run ``name``."""
+    from sam_jax.train.logging import read_metrics
+
+    record = read_metrics(os.path.join(runs["tmp"], name))[-1]
+    assert record["epoch"] == 1 and "lambda_max" in record, f"{name}: no λ_max logged"
+    values = np.array([record["lambda_max"], record["lambda_2"]], dtype=np.float64)
+    assert np.all(np.isfinite(values)) and values[0] > 0 and values[0] >= values[1]
+    assert record["lambda_max_examples"] == 32
+    return values
+
+
+@slow
+@pytest.mark.parametrize("mode", ["device", "synced"])
+def test_lambda_max_of_two_processes_equals_one_process(runs, mode):
+    one, two = _lambdas(runs, f"p1_{mode}"), _lambdas(runs, f"p2_{mode}")
+    rel = np.abs(two - one) / np.abs(one)
+    print(f"{mode} ε: (λ_max, λ₂) 1 process {one.tolist()}, 2 processes {two.tolist()}, "
+          f"relative |Δ| {rel.tolist()}")
+    assert np.all(rel <= LAMBDA_RTOL)
+
+
+@slow
+def test_lambda_max_tolerance_is_far_below_the_epsilon_modes_difference(runs):
+    for p in ("p1", "p2"):
+        device, synced = _lambdas(runs, f"{p}_device"), _lambdas(runs, f"{p}_synced")
+        assert abs(device[0] - synced[0]) > 100 * LAMBDA_RTOL * abs(device[0])
+
+
+@slow
+def test_every_process_takes_part_in_the_lambda_max_products(runs):
+    # lambda_max_iters=8 products, each over 2 chunks of 16 (lambda_max_examples=32,
+    # lambda_max_chunk=16): 16 chunks placed on the mesh per run, in every process.
+    placed = 8 * 2
+    for name in ("p2_device", "p2_synced"):
+        per_process = [runs["rows"]("two", pid)["lambda"][name] for pid in (0, 1)]
+        # Each process runs the Lanczos recurrence on its own replica of the same
+        # all-reduced products, so they agree exactly (a process that decided to
+        # stop at another step would leave the other waiting in a collective).
+        assert per_process[0]["lambda_max"] is not None
+        assert per_process[0]["lambda_max"] == per_process[1]["lambda_max"]
+        assert per_process[0]["lambda_2"] == per_process[1]["lambda_2"]
+        for pid, info in enumerate(per_process):
+            # Split over the 4 devices: process 0 places rows 0-7, process 1 rows 8-15.
+            assert [tuple(b) for b in info["hvp_batches"]] == \
+                [(16, 8 * pid, 8 * pid + 8, False)] * placed, f"{name} process {pid}"
+    one = runs["rows"]("one", 0)["lambda"]["p1_device"]["hvp_batches"]
+    assert [tuple(b) for b in one] == [(16, 0, 16, False)] * placed  # the same mesh
 
 
 @slow

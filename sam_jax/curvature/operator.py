@@ -21,7 +21,14 @@ BatchNorm in ``"batch"`` mode, whose statistics are computed over the whole batc
 does not divide is padded with masked examples (``batch["mask"] = 0``, which
 contribute zero to ``(loss_sum, count)``; the count is checked), except under
 BatchNorm ``"batch"`` mode, where padded examples would enter the batch statistics:
-such a batch runs whole on every device (exact, not parallel). See docs/curvature.md.
+such a batch runs whole on every device (exact, not parallel).
+
+Several processes (``jax.distributed``, a mesh spanning the devices of all of them):
+every process builds the same operator from the same host batches and takes part in
+every product. Host values (the batches, θ, the vector) go onto the mesh shard by
+shard: each process copies only the rows its own devices hold; the only cross-process
+traffic is the compiled product's own all-reduces, and every process reads the
+(replicated) product back from its own devices. See docs/curvature.md.
 """
 from __future__ import annotations
 
@@ -275,14 +282,14 @@ class HessianOperator(LinearOperator):
         self.uneven = uneven
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._sharded = NamedSharding(mesh, PartitionSpec(axis))
-        self.params = jax.device_put(params, self._replicated)
+        self.params = _put_global(params, self._replicated)
         self._sharded_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, True)
         self._replicated_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, False)
 
     def _apply(self, vector: jax.Array) -> jax.Array:
         if self.mesh is not None:
             vector_in = vector
-            vector = jax.device_put(vector, self._replicated)
+            vector = _put_global(vector, self._replicated)
         total = jnp.zeros_like(vector)
         count = 0.0
         num_batches = 0
@@ -305,14 +312,14 @@ class HessianOperator(LinearOperator):
         if self.mesh is not None and isinstance(vector_in, jax.Array):
             # Back where the caller's vector lives, so that a Lanczos basis on one
             # device (or anywhere) combines with it without resharding surprises.
-            result = jax.device_put(result, vector_in.sharding)
+            result = _put_like(result, vector_in)
         return result
 
     def _parallel_batch_hvp(self, batch: Any, vector: jax.Array):
         # Explicit placement: also moves batches the caller committed to a device.
         size = _leading_size(batch)
         if size % self.num_devices == 0:
-            return self._sharded_hvp(self.params, jax.device_put(batch, self._sharded), vector)
+            return self._sharded_hvp(self.params, _put_global(batch, self._sharded), vector)
         if self.uneven == "error":
             raise ValueError(
                 f"a batch of {size} examples does not split over {self.num_devices} devices "
@@ -320,10 +327,10 @@ class HessianOperator(LinearOperator):
             )
         if self.uneven == "replicate":
             self.num_replicated_batch_hvps += 1
-            return self._replicated_hvp(self.params, jax.device_put(batch, self._replicated), vector)
+            return self._replicated_hvp(self.params, _put_global(batch, self._replicated), vector)
         padded, real = pad_batch(batch, self.num_devices)
         self.num_padded_batch_hvps += 1
-        product, batch_count = self._sharded_hvp(self.params, jax.device_put(padded, self._sharded), vector)
+        product, batch_count = self._sharded_hvp(self.params, _put_global(padded, self._sharded), vector)
         if abs(float(batch_count) - real) > 1e-3 * max(1.0, real):
             raise ValueError(
                 f"loss_fn returned count {float(batch_count)} for a batch padded with masked "
@@ -344,6 +351,47 @@ class HessianOperator(LinearOperator):
             dim=self.dim,
             num_devices=self.num_devices,
         )
+
+
+def _put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree`` placed on ``sharding``, each process copying only its devices' slices.
+
+    One process: ``jax.device_put`` (which also moves arrays committed elsewhere).
+    Several processes: every process holds the same value (the same batches, θ and
+    Lanczos vector are computed in each); each leaf is built with
+    ``jax.make_array_from_callback``, which asks for the slices of this process's
+    devices only (its rows of a sharded batch) and copies them from the host or
+    from the local device holding the leaf. ``jax.device_put`` does not do this:
+    for an array committed to one local device (the Lanczos vector) it attempts a
+    cross-host transfer, which the CPU backend refuses, and for a host array it
+    first all-gathers the whole value across processes to check that it is the
+    same everywhere. Leaves that are already global arrays go to ``jax.device_put``.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
+        value = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _put_like(result: jax.Array, like: jax.Array) -> jax.Array:
+    """The replicated ``result`` placed where ``like`` lives.
+
+    A process-local ``like`` (a Lanczos basis vector in a multi-process job) gets
+    this process's own replica of ``result``: every device of the mesh holds the
+    whole product, so nothing needs to cross processes.
+    """
+    if like.is_fully_addressable and not result.is_fully_addressable:
+        wanted = like.sharding.device_set
+        shards = result.addressable_shards
+        local = next((s.data for s in shards if s.device in wanted), shards[0].data)
+        return jax.device_put(local, like.sharding)
+    return jax.device_put(result, like.sharding)
 
 
 def _flat_hvp_fn(loss_fn: LossFn) -> Callable:

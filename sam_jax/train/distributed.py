@@ -10,11 +10,14 @@ the single-process ones; what changes is only what each process does on the host
   gloo collectives) before anything touches a device. On GPU clusters (SLURM,
   Open MPI, ...) and TPU pod slices JAX detects the coordinator, the process count
   and this process's id from the environment; on CPU (or anywhere else) pass them.
-* **data**: every process builds the same global batch from ``(seed, epoch)`` (the
-  datasets are deterministic) and hands only the rows of its own devices' shards to
-  ``jax.make_array_from_process_local_data`` (`put_process_batch`; wired into
-  `sam_jax.train.parallel.put_batch`), so each device receives exactly the rows it
-  gets in a single-process run with the same mesh.
+* **data**: every process holds the dataset and computes the same shuffle order from
+  ``(seed, epoch)`` (the datasets are deterministic), but reads, augments and
+  converts only the rows of its own devices' shards (``Dataset.batches(rows=...)``
+  with `sam_jax.train.parallel.process_rows`; the augmentation's random draws are
+  still made for the whole batch, so every row is augmented as in a single-process
+  run) and hands them to ``jax.make_array_from_process_local_data``
+  (`put_local_rows`); each device receives exactly the rows it gets in a
+  single-process run with the same mesh.
 * **host reads**: the train/eval steps return replicated outputs and the state is
   replicated, which every process can read (``jax.device_get``); `host_value` reads
   any global array (``process_allgather`` where it is not replicated).
@@ -151,6 +154,28 @@ def put_process_batch(batch: dict, mesh) -> dict:
         return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
     return jax.tree.map(put, batch)
+
+
+def put_local_rows(local_batch: dict, mesh, global_batch_size: int) -> dict:
+    """A global batch sharded on the ``data`` axis from this process's rows.
+
+    ``local_batch`` holds only the rows ``local_rows`` names (e.g. from
+    ``Dataset.batches(rows=...)``), so no process materializes the others' rows.
+    """
+    from sam_jax.train import parallel
+
+    sharding = parallel.batch_sharded(mesh)
+    rows = local_rows(sharding, (global_batch_size,))
+
+    def put(x):
+        x = np.asarray(x)
+        if x.shape[0] != rows.stop - rows.start:
+            raise ValueError(f"this process's batch has {x.shape[0]} rows; its devices hold "
+                             f"rows {rows.start}:{rows.stop} of {global_batch_size}")
+        return jax.make_array_from_process_local_data(sharding, x,
+                                                      (global_batch_size, *x.shape[1:]))
+
+    return jax.tree.map(put, local_batch)
 
 
 def put_replicated(tree, mesh):

@@ -392,14 +392,17 @@ def train_epoch(setup: RunSetup, state: TrainState, epoch: int,
     count = opt.count(state.opt_state) if opt.step_picker is not None else 0
     state = parallel.put_replicated(state, mesh)
     step_metrics, lr = [], 0.0
+    # In a multi-process job each process reads and augments only its devices' rows.
+    rows = parallel.process_rows(mesh, config.batch_size)
     batches = setup.train_ds.batches(config.batch_size, seed=config.seed, epoch=epoch,
-                                     augment=True)
+                                     augment=True, rows=rows)
     for i, batch in zip(range(setup.steps_per_epoch), batches):
         global_step = epoch * setup.steps_per_epoch + i
         lr = setup.schedule(global_step)
         step_fn = steps[opt.pick(count)]
         count += 1
-        state, metrics = step_fn(state, parallel.put_batch(batch, mesh), opt.hyperparams(lr),
+        batch = parallel.put_batch(batch, mesh, config.batch_size if rows else None)
+        state, metrics = step_fn(state, batch, opt.hyperparams(lr),
                                  dropout_key(config.seed, global_step, setup.shards))
         step_metrics.append(metrics)
         if progress is not None:
@@ -419,7 +422,7 @@ def measure(setup: RunSetup, state: TrainState, epoch: int) -> dict:
         out.update(_evaluate(setup.eval_step(), state, setup.test_ds, setup.eval_batch_size,
                              setup.mesh))
     if config.lambda_max_every and ((epoch + 1) % config.lambda_max_every == 0 or last):
-        out.update(_lambda_max(setup.model, state, setup.train_ds, config))
+        out.update(_lambda_max(setup.model, state, setup.train_ds, config, setup.mesh))
     return out
 
 
@@ -587,16 +590,20 @@ _STEP_METRICS = ("loss_sum", "correct", "count", "grad_norm", "perturbation_norm
 
 
 def _evaluate(eval_fn, state: TrainState, dataset, batch_size: int, mesh) -> dict:
+    rows = parallel.process_rows(mesh, batch_size)
     totals = _eval_totals(eval_fn, state.params, state.batch_stats, dataset, batch_size,
-                          lambda batch: parallel.put_batch(batch, mesh))
+                          lambda batch: parallel.put_batch(batch, mesh,
+                                                           batch_size if rows else None),
+                          rows=rows)
     return {"test_loss": totals["loss"], "test_acc": totals["acc"]}
 
 
-def _eval_totals(eval_fn, params, batch_stats, dataset, batch_size: int, put) -> dict:
+def _eval_totals(eval_fn, params, batch_stats, dataset, batch_size: int, put,
+                 rows: Optional[slice] = None) -> dict:
     # Dispatch every batch first and fetch once: no host round trip per batch.
     per_batch = [eval_fn(params, batch_stats, put(batch))
                  for batch in dataset.batches(batch_size, shuffle=False, drop_remainder=False,
-                                              pad_remainder=True)]
+                                              pad_remainder=True, rows=rows)]
     per_batch = jax.device_get(per_batch)
     totals = {key: sum(float(m[key]) for m in per_batch)
               for key in ("loss_sum", "correct", "count")}
@@ -624,26 +631,35 @@ def make_evaluator(model, batch_size: int = 500, mesh=None):
       ``evaluate(variables, dataset) -> {"loss": mean cross-entropy, "acc": accuracy}``.
     """
     if mesh is None:
-        eval_fn, put = jax.jit(make_eval_step(model)), (lambda batch: batch)
+        eval_fn, put, rows = jax.jit(make_eval_step(model)), (lambda batch: batch), None
     else:
         parallel.check_batch_size(batch_size, mesh, "batch_size")
         eval_fn = parallel.jit_eval_step(make_eval_step(model), mesh)
-        put = lambda batch: parallel.put_batch(batch, mesh)  # noqa: E731
+        rows = parallel.process_rows(mesh, batch_size)
+        put = lambda batch: parallel.put_batch(  # noqa: E731
+            batch, mesh, batch_size if rows else None)
 
     def evaluate(variables: dict, dataset) -> dict:
         size = batch_size if mesh is not None else min(batch_size, dataset.num_examples)
         return _eval_totals(eval_fn, variables["params"], variables.get("batch_stats", {}),
-                            dataset, size, put)
+                            dataset, size, put, rows=rows)
 
     return evaluate
 
 
-def _lambda_max(model, state: TrainState, dataset, config: TrainConfig) -> dict:
+def _lambda_max(model, state: TrainState, dataset, config: TrainConfig, mesh) -> dict:
     """Top-2 Hessian eigenvalues by Lanczos on the first ``lambda_max_examples``
     un-augmented training examples (late-phase SAM protocol, papers.md §2), the
     Hessian-vector products taken over chunks of ``lambda_max_chunk`` examples
     (128, with BatchNorm statistics per chunk in ``batch`` mode: [code], the
-    late-phase SAM authors' code, zzp1012/SAM-in-Late-Phase)."""
+    late-phase SAM authors' code, zzp1012/SAM-in-Late-Phase).
+
+    Each chunk is split over the run's data mesh (``HessianOperator(mesh=...)``):
+    the product is the same function of the whole chunk (BatchNorm statistics
+    over the whole chunk), computed by every device of the run, in every process
+    of a multi-process run (each feeding only its devices' rows). The Lanczos
+    recurrence itself is small and runs in every process on its own copy of the
+    replicated products, so every process ends with the same eigenvalues."""
     from sam_jax import curvature
 
     n = min(config.lambda_max_examples, dataset.num_examples)
@@ -656,7 +672,8 @@ def _lambda_max(model, state: TrainState, dataset, config: TrainConfig) -> dict:
         variables["batch_stats"] = state.batch_stats
     loss_fn = curvature.flax_loss_fn(model, jax.device_get(variables),
                                      bn_mode=config.lambda_max_bn_mode)
-    operator = curvature.HessianOperator(loss_fn, jax.device_get(state.params), batches)
+    operator = curvature.HessianOperator(loss_fn, jax.device_get(state.params), batches,
+                                         mesh=mesh)
     result = curvature.lanczos_eigs(operator, top_k=2, num_steps=config.lambda_max_iters,
                                     seed=config.seed, compute_residuals=False)
     return {"lambda_max": float(result.eigenvalues[0]), "lambda_2": float(result.eigenvalues[1]),

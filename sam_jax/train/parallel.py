@@ -60,9 +60,33 @@ def put_replicated(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
+def process_rows(mesh: Mesh, batch_size: int) -> Optional[slice]:
+    """The rows of a global batch of ``batch_size`` this process's devices hold.
+
+    None in a single process (all rows). In a multi-process job, pass it to
+    ``Dataset.batches(rows=...)`` so this process reads, augments and converts only
+    its own rows, then `put_batch` with ``global_batch_size=batch_size``.
+    """
+    if jax.process_count() == 1:
+        return None
+    from sam_jax.train import distributed
+    return distributed.local_rows(batch_sharded(mesh), (batch_size,))
+
+
+def put_batch(batch: dict, mesh: Mesh, global_batch_size: Optional[int] = None) -> dict:
+    """``batch`` sharded on the mesh's ``data`` axis.
+
+    Args:
+      batch: the global batch; or, with ``global_batch_size``, only this process's
+        rows of it (``process_rows``).
+      mesh: the data mesh.
+      global_batch_size: the global batch's size when ``batch`` holds only this
+        process's rows (multi-process jobs).
+    """
     if jax.process_count() > 1:  # each process feeds only its devices' rows
         from sam_jax.train import distributed
+        if global_batch_size is not None:
+            return distributed.put_local_rows(batch, mesh, global_batch_size)
         return distributed.put_process_batch(batch, mesh)
     return jax.device_put(batch, batch_sharded(mesh))
 
