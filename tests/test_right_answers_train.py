@@ -28,6 +28,8 @@ from sam_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from sam_jax.train.loop import optimizer_spec
 from sam_jax.train.step import build_optimizer
 
+from _helpers import trees_equal
+
 LR, MU, WD, RHO = 0.05, 0.9, 5e-4, 0.05
 BASE = dict(dataset="mnist1d", model="cnn1d", model_kwargs={"width": 4}, batch_size=32,
             steps_per_epoch=1, eval_batch_size=500, progress=False, lr=LR, schedule="constant",
@@ -63,12 +65,6 @@ def _saved(config, epoch):
     finally:
         ckpt.close()
     return params, opt_state[-1].trace, opt_state
-
-
-def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
 
 
 def _close(a, b, atol):
@@ -146,7 +142,7 @@ def test_momentum_right_after_the_switch_by_hand(runs, by_hand, mode):
 def test_reset_and_carry_differ_exactly_by_the_carried_buffer(runs):
     w1r, m1r, _ = _saved(runs["reset"].config, 1)
     w1c, m1c, _ = _saved(runs["carry"].config, 1)
-    assert _equal(w1r, w1c) and _equal(m1r, m1c)  # the SGD epoch is the same run
+    assert trees_equal(w1r, w1c) and trees_equal(m1r, m1c)  # the SGD epoch is the same run
     w2r, m2r, _ = _saved(runs["reset"].config, 2)
     w2c, m2c, _ = _saved(runs["carry"].config, 2)
     _close(jax.tree.map(lambda c, r: c - r, m2c, m2r), jax.tree.map(lambda m: MU * m, m1r),
@@ -161,10 +157,10 @@ def test_resume_after_the_switch_is_bit_for_bit_optimizer_state_included(runs):
     assert resumed.resumed_from == 2
     assert [full.config.phase_list[full.config.phase_index(e)].name for e in (0, 1, 2)] == \
         ["sgd", "sam", "sam"]  # the kill point (epoch 2) is after the switch, mid-phase
-    assert _equal(full.variables, resumed.variables)
+    assert trees_equal(full.variables, resumed.variables)
     _, _, opt_full = _saved(full.config, 3)
     _, _, opt_resumed = _saved(resumed.config, 3)
-    assert _equal(opt_full, opt_resumed)
+    assert trees_equal(opt_full, opt_resumed)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     # Sensitivity: the buffer restored at epoch 2 is far from the fresh (zero) buffer a
     # resume that dropped the optimizer state would start from, so epoch 3's step would

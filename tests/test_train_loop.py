@@ -14,18 +14,14 @@ import pytest
 from sam_jax.train import (CheckpointError, TrainConfig, TrainingDiverged, checkpoint_epochs,
                            load_variables, read_metrics, run)
 
+from _helpers import trees_equal
+
 BASE = dict(dataset="mnist1d", model="cnn1d", model_kwargs={"width": 4}, batch_size=32,
             steps_per_epoch=2, eval_batch_size=500, progress=False, lr=0.05)
 
 
 def _config(workdir, **changes):
     return TrainConfig(workdir=str(workdir), **{**BASE, **changes})
-
-
-def _equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +64,8 @@ def test_lr_schedule_is_global(runs):
 
 
 def test_momentum_reset_and_carry_differ(runs):
-    assert _equal(runs["reset"].history[0]["train_loss"], runs["carry"].history[0]["train_loss"])
-    assert not _equal(runs["reset"].variables, runs["carry"].variables)
+    assert trees_equal(runs["reset"].history[0]["train_loss"], runs["carry"].history[0]["train_loss"])
+    assert not trees_equal(runs["reset"].variables, runs["carry"].variables)
 
 
 def test_init_from_equals_the_uninterrupted_switching_run(runs):
@@ -77,8 +73,8 @@ def test_init_from_equals_the_uninterrupted_switching_run(runs):
     # epoch 0 itself, bit for bit: same data order, schedule and optimizer state.
     assert runs["branch"].resumed_from == 1
     assert [r["epoch"] for r in runs["branch"].history] == [1]
-    assert _equal(runs["branch"].variables, runs["reset"].variables)
-    assert _equal(runs["branch_carry"].variables, runs["carry"].variables)
+    assert trees_equal(runs["branch"].variables, runs["reset"].variables)
+    assert trees_equal(runs["branch_carry"].variables, runs["carry"].variables)
     # the gradient evaluations of the SGD prefix are counted
     assert runs["branch"].grad_evals == 6.0
 
@@ -96,7 +92,7 @@ def test_keep_policy(tmp_path):
 
 def test_finished_run_returns_at_once(runs):
     again = run(runs["reset"].config)
-    assert again.resumed_from == 2 and _equal(again.variables, runs["reset"].variables)
+    assert again.resumed_from == 2 and trees_equal(again.variables, runs["reset"].variables)
     assert len(again.history) == 2
 
 
@@ -132,7 +128,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(runs, tmp_path):
 
 
 def test_load_variables_matches_run_result(runs):
-    assert _equal(load_variables(runs["sgd"].workdir), runs["sgd"].variables)
+    assert trees_equal(load_variables(runs["sgd"].workdir), runs["sgd"].variables)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
