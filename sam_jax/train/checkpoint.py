@@ -94,8 +94,27 @@ class _DropBackgroundSaveTracebacks(logging.Filter):
         return not (record.exc_info or "[thread=" in message or "thread" in message.lower())
 
 
+class _DropUnretrievedReadErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for tensorstore errors.
+
+    A corrupt checkpoint fails several of orbax's concurrent reads. The first error
+    reaches `Checkpointer`, which reports it as one line (a `CorruptCheckpointWarning`,
+    or a `CheckpointError` when no intact step is left); the sibling reads' errors
+    would otherwise be printed with tracebacks whenever their tasks are
+    garbage-collected, timing-dependent noise after the report. Only errors that
+    carry a ``tensorstore_spec`` (tensorstore's own messages) are dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Task exception was never retrieved"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and "tensorstore_spec" in str(error))
+
+
 logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
 logging.getLogger("absl").addFilter(_DropBackgroundSaveTracebacks())
+logging.getLogger("asyncio").addFilter(_DropUnretrievedReadErrors())
 
 
 class CheckpointError(ValueError):
