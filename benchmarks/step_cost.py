@@ -76,23 +76,26 @@ class BenchCNN(nn.Module):
         return nn.Dense(10)(x)
 
 
-def problems(tiny: bool = False, batch_size: int | None = None):
-    """(name, model, input shape) of the benchmarked models (``tiny``: smoke-test
-    sizes; ``batch_size``: instead of each model's own)."""
+def models(tiny: bool = False):
+    """(name, model, input shape) of the benchmarked models (``tiny``: smoke-test sizes)."""
     if tiny:
-        models = [("MLP 12-8-8-10", BenchMLP(width=8), (4, 12)),
-                  ("CNN 3 conv (2-4-4), 8x8x3", BenchCNN(channels=2), (2, 8, 8, 3))]
-    else:
-        models = [
-            # batch 256: the released Eigen-SAM README's batch size
-            ("MLP 784-512-512-10", BenchMLP(), (256, 784)),
-            ("CNN 3 conv (32-64-64), 32x32x3", BenchCNN(), (64, 32, 32, 3)),
-        ]
-    out = []
-    for name, model, shape in models:
-        shape = (batch_size or shape[0], *shape[1:])
-        out.append((f"{name}, batch {shape[0]}{' (tiny)' if tiny else ''}", model, shape))
-    return out
+        return [("MLP 12-8-8-10", BenchMLP(width=8), (4, 12)),
+                ("CNN 3 conv (2-4-4), 8x8x3", BenchCNN(channels=2), (2, 8, 8, 3))]
+    return [
+        # batch 256: the released Eigen-SAM README's batch size
+        ("MLP 784-512-512-10", BenchMLP(), (256, 784)),
+        ("CNN 3 conv (32-64-64), 32x32x3", BenchCNN(), (64, 32, 32, 3)),
+    ]
+
+
+def problem_title(name: str, batch_size: int, tiny: bool = False) -> str:
+    return f"{name}, batch {batch_size}{' (tiny)' if tiny else ''}"
+
+
+def problems(tiny: bool = False):
+    """(title, model, input shape) of the benchmarked models at their own batch size."""
+    return [(problem_title(name, shape[0], tiny), model, shape)
+            for name, model, shape in models(tiny)]
 
 
 def transforms() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -346,16 +349,15 @@ def main(argv=None):
         args.repeats, args.calls_per_sample = 2, 1
         print("tiny: smoke test, tiny models and 2 repeats; the numbers are not results")
     if args.memory_only:
-        for index, (_, _, shape) in enumerate(problems(args.tiny)):
+        for name, model, shape in models(args.tiny):
             sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
                      else [shape[0], 2 * shape[0]])
             by_batch = {}
             for batch_size in dict.fromkeys(sizes):
-                title, model, shape = problems(args.tiny, batch_size)[index]
-                by_batch[batch_size], param_bytes = memory_problem(model, shape)
+                title = problem_title(name, batch_size, args.tiny)
+                by_batch[batch_size], param_bytes = memory_problem(model, (batch_size, *shape[1:]))
                 print(format_memory_table(title + " (Eigen-SAM: its refresh step, caller flag)",
                                           by_batch[batch_size], param_bytes), "\n", flush=True)
-            name = title.rsplit(", batch", 1)[0]
             print(format_batch_table(name, by_batch, param_bytes), "\n", flush=True)
         return
 

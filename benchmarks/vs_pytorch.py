@@ -276,13 +276,11 @@ def torch_input(name: str, x):
 
 
 def batch_sharding(devices: int):
-    """The batch split on its first axis over the first ``devices`` CPU devices."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    """(batch split over the first ``devices`` devices, replicated): the engine's data mesh."""
+    from sam_jax.train import parallel
 
-    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
-    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    mesh = parallel.make_mesh(devices)
+    return parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
 
 def jax_steps(module, dtype: str = "float32", precision: str | None = None,

@@ -96,7 +96,7 @@ def main(spec_path: str, process_id: int) -> None:
 
     distributed.put_local_rows = recording_local
     hvp_batches = []
-    original_put = curvature_operator._put_global
+    original_put = curvature_operator.put_global
 
     def recording_put(tree, sharding):
         out = original_put(tree, sharding)
@@ -106,7 +106,7 @@ def main(spec_path: str, process_id: int) -> None:
                                 bool(sharding.is_fully_replicated)])
         return out
 
-    curvature_operator._put_global = recording_put
+    curvature_operator.put_global = recording_put
     resumed, lambdas = [], {}
     for item in spec["runs"]:
         hvp_batches.clear()

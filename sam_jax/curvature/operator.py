@@ -41,6 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sam_jax._placement import local_replica, put_global
 from sam_jax.curvature.hvp import LossFn, PyTree, batch_hvp, cached_per_function
 
 Batches = Union[list, tuple, Callable[[], Iterable[Any]], dict]
@@ -282,14 +283,14 @@ class HessianOperator(LinearOperator):
         self.uneven = uneven
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._sharded = NamedSharding(mesh, PartitionSpec(axis))
-        self.params = _put_global(params, self._replicated)
+        self.params = put_global(params, self._replicated)
         self._sharded_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, True)
         self._replicated_hvp = _flat_batch_hvp_on_mesh(loss_fn, mesh, axis, False)
 
     def _apply(self, vector: jax.Array) -> jax.Array:
         if self.mesh is not None:
             vector_in = vector
-            vector = _put_global(vector, self._replicated)
+            vector = put_global(vector, self._replicated)
         total = jnp.zeros_like(vector)
         count = 0.0
         num_batches = 0
@@ -312,14 +313,14 @@ class HessianOperator(LinearOperator):
         if self.mesh is not None and isinstance(vector_in, jax.Array):
             # Back where the caller's vector lives, so that a Lanczos basis on one
             # device (or anywhere) combines with it without resharding surprises.
-            result = _put_like(result, vector_in)
+            result = local_replica(result, vector_in)
         return result
 
     def _parallel_batch_hvp(self, batch: Any, vector: jax.Array):
         # Explicit placement: also moves batches the caller committed to a device.
         size = _leading_size(batch)
         if size % self.num_devices == 0:
-            return self._sharded_hvp(self.params, _put_global(batch, self._sharded), vector)
+            return self._sharded_hvp(self.params, put_global(batch, self._sharded), vector)
         if self.uneven == "error":
             raise ValueError(
                 f"a batch of {size} examples does not split over {self.num_devices} devices "
@@ -327,10 +328,10 @@ class HessianOperator(LinearOperator):
             )
         if self.uneven == "replicate":
             self.num_replicated_batch_hvps += 1
-            return self._replicated_hvp(self.params, _put_global(batch, self._replicated), vector)
+            return self._replicated_hvp(self.params, put_global(batch, self._replicated), vector)
         padded, real = pad_batch(batch, self.num_devices)
         self.num_padded_batch_hvps += 1
-        product, batch_count = self._sharded_hvp(self.params, _put_global(padded, self._sharded), vector)
+        product, batch_count = self._sharded_hvp(self.params, put_global(padded, self._sharded), vector)
         if abs(float(batch_count) - real) > 1e-3 * max(1.0, real):
             raise ValueError(
                 f"loss_fn returned count {float(batch_count)} for a batch padded with masked "
@@ -351,47 +352,6 @@ class HessianOperator(LinearOperator):
             dim=self.dim,
             num_devices=self.num_devices,
         )
-
-
-def _put_global(tree: Any, sharding: NamedSharding) -> Any:
-    """``tree`` placed on ``sharding``, each process copying only its devices' slices.
-
-    One process: ``jax.device_put`` (which also moves arrays committed elsewhere).
-    Several processes: every process holds the same value (the same batches, θ and
-    Lanczos vector are computed in each); each leaf is built with
-    ``jax.make_array_from_callback``, which asks for the slices of this process's
-    devices only (its rows of a sharded batch) and copies them from the host or
-    from the local device holding the leaf. ``jax.device_put`` does not do this:
-    for an array committed to one local device (the Lanczos vector) it attempts a
-    cross-host transfer, which the CPU backend refuses, and for a host array it
-    first all-gathers the whole value across processes to check that it is the
-    same everywhere. Leaves that are already global arrays go to ``jax.device_put``.
-    """
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-
-    def put(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return jax.device_put(leaf, sharding)
-        value = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(put, tree)
-
-
-def _put_like(result: jax.Array, like: jax.Array) -> jax.Array:
-    """The replicated ``result`` placed where ``like`` lives.
-
-    A process-local ``like`` (a Lanczos basis vector in a multi-process job) gets
-    this process's own replica of ``result``: every device of the mesh holds the
-    whole product, so nothing needs to cross processes.
-    """
-    if like.is_fully_addressable and not result.is_fully_addressable:
-        wanted = like.sharding.device_set
-        shards = result.addressable_shards
-        local = next((s.data for s in shards if s.device in wanted), shards[0].data)
-        return jax.device_put(local, like.sharding)
-    return jax.device_put(result, like.sharding)
 
 
 def _flat_hvp_fn(loss_fn: LossFn) -> Callable:

@@ -49,6 +49,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from sam_jax._placement import put_global
 from sam_jax.train import logging as train_logging
 
 ENV_COORDINATOR = "SAM_JAX_COORDINATOR_ADDRESS"
@@ -140,20 +141,13 @@ def put_process_batch(batch: dict, mesh) -> dict:
     """A global batch sharded on the ``data`` axis, fed from this process's rows only.
 
     ``batch`` is the global batch (every process computes the same one); each
-    process passes only the rows of its addressable devices' shards to
-    ``jax.make_array_from_process_local_data``, so the host-to-device copy per
-    process is its share of the batch.
+    process copies only the rows of its addressable devices' shards
+    (`sam_jax._placement.put_global`), so the host-to-device copy per process is
+    its share of the batch.
     """
     from sam_jax.train import parallel
 
-    sharding = parallel.batch_sharded(mesh)
-
-    def put(x):
-        x = np.asarray(x)
-        rows = local_rows(sharding, x.shape)
-        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
-
-    return jax.tree.map(put, batch)
+    return put_global(batch, parallel.batch_sharded(mesh))
 
 
 def put_local_rows(local_batch: dict, mesh, global_batch_size: int) -> dict:
@@ -183,21 +177,11 @@ def put_replicated(tree, mesh):
 
     Leaves already on the mesh stay; a process-local array (e.g. restored from a
     checkpoint onto this process's first device, the same value in every process)
-    is rebuilt from its host value with ``jax.make_array_from_callback`` (a plain
-    ``device_put`` of a committed local array to a cross-process sharding needs
-    cross-host transfers the CPU backend lacks).
+    is rebuilt from its local value (`sam_jax._placement.put_global`).
     """
     from sam_jax.train import parallel
 
-    target = parallel.replicated(mesh)
-
-    def put(x):
-        if isinstance(x, jax.Array) and (x.sharding == target or not x.is_fully_addressable):
-            return x if x.sharding == target else jax.device_put(x, target)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
-
-    return jax.tree.map(put, tree)
+    return put_global(tree, parallel.replicated(mesh))
 
 
 # ------------------------------------------------------------------ host reads
