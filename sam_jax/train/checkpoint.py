@@ -115,6 +115,11 @@ class _DropUnretrievedReadErrors(logging.Filter):
 logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
 logging.getLogger("absl").addFilter(_DropBackgroundSaveTracebacks())
 logging.getLogger("asyncio").addFilter(_DropUnretrievedReadErrors())
+# A save that fails (disk full) leaves orbax's pending write coroutines unawaited; when
+# they are garbage-collected Python warns, after the one-line CheckpointWriteError.
+warnings.filterwarnings("ignore", category=RuntimeWarning,
+                        message=r"coroutine 'async_serialize_from_host\.<locals>\.write_fragment' "
+                                r"was never awaited")
 
 
 class CheckpointError(ValueError):
